@@ -1,0 +1,1 @@
+"""Data: raw readers, synthetic generators, preprocessing into the ragged store, batching."""

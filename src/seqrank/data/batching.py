@@ -1,0 +1,153 @@
+"""Sample indices -> `Batch`, gathered for a whole batch at once with numpy fancy indexing.
+
+Histories are never materialised per sample: for sample s with user u and target position p,
+the history is events[offsets[u] + p - L : offsets[u] + p], left-padded, built for the whole
+batch by one broadcast `start[:, None] + arange(L)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from seqrank.data.types import Batch
+
+
+@dataclass
+class EventArrays:
+    """Ragged per-user events, sorted by (user, time); id 0 is padding.
+
+    Attributes:
+        item: (N,) item ids.
+        ts: (N,) int64 seconds.
+        behavior: (N,) behaviour ids.
+        user_offsets: (U+1,) events of user u are item[user_offsets[u]:user_offsets[u+1]].
+        item_cate: (I,) category of each item id.
+    """
+
+    item: np.ndarray
+    ts: np.ndarray
+    behavior: np.ndarray
+    user_offsets: np.ndarray
+    item_cate: np.ndarray
+
+
+@dataclass
+class SampleArrays:
+    """One split's samples as columns: `user`, `pos` (target index in the user's events),
+    `target` (candidate item) and `label` (1 observed, 0 sampled negative)."""
+
+    user: np.ndarray
+    pos: np.ndarray
+    target: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+
+def gather_numpy(events: EventArrays, samples: SampleArrays, idx: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
+    """Gathers the batch `idx` into left-padded numpy arrays (see `Batch` for the fields)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    user = samples.user[idx].astype(np.int64)
+    pos = samples.pos[idx].astype(np.int64)
+    target = samples.target[idx].astype(np.int64)
+    start = events.user_offsets[user] + pos  # (B,) absolute index of the target event
+    rel = pos[:, None] - max_len + np.arange(max_len)  # (B, L) position inside the user's events
+    mask = rel >= 0
+    absi = np.where(mask, start[:, None] - max_len + np.arange(max_len), 0)  # (B, L)
+    hist_item = np.where(mask, events.item[absi], 0).astype(np.int64)
+    hist_ts = events.ts[absi]
+    target_ts = events.ts[start]
+    return {
+        "user": user,
+        "hist_item": hist_item,
+        "hist_cate": np.where(mask, events.item_cate[hist_item], 0).astype(np.int64),
+        "hist_behavior": np.where(mask, events.behavior[absi], 0).astype(np.int64),
+        "hist_gap": np.where(mask, np.maximum(target_ts[:, None] - hist_ts, 0), 0).astype(np.int64),
+        "hist_mask": mask,
+        "target_item": target,
+        "target_cate": events.item_cate[target].astype(np.int64),
+        "label": samples.label[idx].astype(np.float32),
+        "index": idx,
+        "pos": pos,
+    }
+
+
+def to_batch(arrays: dict[str, np.ndarray]) -> Batch:
+    return Batch(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class BatchGatherDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose keys are whole index batches; use with `IndexBatchSampler`
+    and `DataLoader(batch_size=None)` so no per-sample Python and no default collate run."""
+
+    def __init__(self, events: EventArrays, samples: SampleArrays, max_len: int) -> None:
+        if max_len < 1:
+            raise ValueError(f"data.max_len={max_len}; expected an integer >= 1")
+        self.events = events
+        self.samples = samples
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: np.ndarray) -> Batch:
+        return to_batch(gather_numpy(self.events, self.samples, idx, self.max_len))
+
+
+class IndexBatchSampler(torch.utils.data.Sampler):
+    """Yields index arrays, one per batch; shards batches across distributed ranks itself.
+
+    Training (`shuffle=True`): a seeded permutation per epoch (call `set_epoch`), cut into
+    batches; every rank gets the same number of batches (the last ones wrap around, as
+    DistributedSampler does). Evaluation (`shuffle=False`): rank r gets the r-th contiguous
+    shard with no padding, so every sample is evaluated exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size}; expected an integer >= 1")
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.seed, self.drop_last = seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        if not self.shuffle:
+            bounds = np.linspace(0, self.n, self.world_size + 1).astype(np.int64)
+            return np.arange(bounds[self.rank], bounds[self.rank + 1], dtype=np.int64)
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self.world_size == 1:
+            return perm
+        per_rank = -(-self.n // self.world_size)
+        perm = np.resize(perm, per_rank * self.world_size)  # wrap to equal shards
+        return perm[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        idx = self._indices()
+        stop = len(idx) - (len(idx) % self.batch_size if self.drop_last else 0)
+        for b in range(0, stop, self.batch_size):
+            yield idx[b : b + self.batch_size]
+
+    def __len__(self) -> int:
+        m = len(self._indices()) if not self.shuffle else (
+            self.n if self.world_size == 1 else -(-self.n // self.world_size)
+        )
+        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)

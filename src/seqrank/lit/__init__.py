@@ -1,0 +1,1 @@
+"""LightningModules: the training loop's side of seqrank (no architecture lives here)."""

@@ -1,0 +1,121 @@
+"""RankingModule: pointwise BCE training, ranking metrics per stage, optimisers — for any `net`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrank.data.types import Batch
+from seqrank.metrics import RankingMetrics
+
+STAGES = ("train", "val", "test")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; the message names the step."""
+
+
+class RankingModule(L.LightningModule):
+    """Trains a `net` whose `forward(batch) -> logits (B,)` with binary cross-entropy.
+
+    Args:
+        net: the model (BST, ATRank, ...). If it has `regularization() -> Tensor` (ATRank's L2
+            on user and target vectors), that term is added to the training loss.
+        optimizer: a partial optimiser constructor taking the parameters.
+        scheduler: optional partial LR scheduler constructor taking the optimiser.
+        scheduler_interval: `epoch` or `step`.
+        monitor: the metric the scheduler (ReduceLROnPlateau) watches.
+        compile: wrap `net` in `torch.compile`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        *,
+        scheduler_interval: str = "epoch",
+        monitor: str = "val/auc",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.net = net
+        self.metrics = nn.ModuleDict({s: RankingMetrics() for s in ("val", "test")})
+        self.run_config: dict[str, Any] | None = None  # the composed Hydra config, for eval.py
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.net = torch.compile(self.net)
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.net(batch)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logits = self.net(batch).float()
+        loss = F.binary_cross_entropy_with_logits(logits, batch.label)
+        reg = getattr(self.net, "regularization", None)
+        if callable(reg):
+            loss = loss + reg()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); stopping instead of training on "
+                "garbage. Lower the learning rate, enable gradient clipping (trainer.gradient_clip_val) "
+                "or use trainer.precision=32."
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def _eval_step(self, stage: str, batch: Batch) -> None:
+        logits = self.net(batch).float()
+        self.metrics[stage].update(logits, batch.label, batch.user, batch.pos, batch.index)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_metrics(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        n = values.pop("num_samples")
+        out = {f"{stage}/{k}": v.float() for k, v in values.items()}
+        out[f"{stage}/num_samples"] = n.float()
+        # Computed over all ranks already (torchmetrics syncs the states): no extra reduction.
+        self.log_dict(out, prog_bar=stage == "val", sync_dist=False, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.hparams.optimizer(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": self.hparams.monitor,
+                "interval": self.hparams.scheduler_interval,
+                "frequency": 1,
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["seqrank_config"] = self.run_config
+        schema = getattr(self.trainer, "datamodule", None)
+        if schema is not None and getattr(schema, "store", None) is not None:
+            checkpoint["seqrank_schema"] = schema.schema.to_dict()
+

@@ -1,0 +1,399 @@
+"""ATRank (Zhou et al., AAAI 2018, arXiv:1711.06632).
+
+Heterogeneous behaviours (a, o, t) are embedded per behaviour group, projected into one space,
+related to each other by self-attention in K latent spaces (heads), and read out by a vanilla
+attention from the target. Details follow the reference TensorFlow code (jinze1994/ATRank,
+`atrank/model.py` for Amazon, `multi/model.py` for grouped behaviours).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrank.data.types import Batch, Schema
+from seqrank.models.layers.time import log2_time_bucket
+
+TIME_MODES = ("concat", "add")
+GROUP_BYS = ("item", "behavior")
+
+
+def _glorot_(weight: Tensor, fan_in: int, fan_out: int) -> None:
+    """TF's default initialiser (glorot uniform), with explicit fans so that a split kernel
+    (a dense layer over a concatenation, stored as several tables) keeps the bound of the whole.
+    """
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(weight, -bound, bound)
+
+
+def _dense(in_dim: int, out_dim: int) -> nn.Linear:
+    """A `tf.layers.dense`: glorot-uniform kernel, zero bias."""
+    layer = nn.Linear(in_dim, out_dim)
+    _glorot_(layer.weight, in_dim, out_dim)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class BehaviorEmbedding(nn.Module):
+    """Embed each behaviour into its group's space, then project it to the common width (§3.2).
+
+    u_ij = F_M_i(emb(o_j) + lookup_t_i(bucket(t_j)) + lookup_a_i(a_j)). The object embedding
+    (item ⊕ category) is shared by all groups; time and action lookups and the projection F_M
+    belong to one group each.
+
+    `time_mode="concat"` is the reference Amazon code: one-hot(bucket) (and, in the multi-behaviour
+    code, the action embedding) concatenated to the object embedding, then a dense layer. A dense
+    layer over [x ⊕ one_hot(t)] equals dense(x) + W_t[t], so each group stores W_t as its own
+    (time_buckets, D) table added after the projection. `time_mode="add"` is the paper's lookup:
+    a (time_buckets, 2E) table added to the object embedding before the projection.
+
+    Args:
+        num_items: item vocabulary size (row 0 = padding).
+        num_cates: category vocabulary size (row 0 = padding).
+        num_behaviors: behaviour vocabulary size (row 0 = padding); sizes the action tables.
+        num_groups: number of behaviour groups G.
+        embed_dim: item and category embedding width E; objects are 2E wide.
+        dim: common width D of the projected behaviours.
+        time_buckets: number of log2 time buckets T.
+        time_mode: "concat" or "add".
+        use_actions: whether each group has an action lookup.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        num_cates: int,
+        num_behaviors: int,
+        num_groups: int,
+        embed_dim: int,
+        dim: int,
+        time_buckets: int,
+        time_mode: str,
+        use_actions: bool,
+    ) -> None:
+        super().__init__()
+        self.time_mode = time_mode
+        self.item = nn.Embedding(num_items, embed_dim)
+        self.cate = nn.Embedding(num_cates, embed_dim)
+        _glorot_(self.item.weight, num_items, embed_dim)
+        _glorot_(self.cate.weight, num_cates, embed_dim)
+        obj = 2 * embed_dim
+        # per group, never shared: the same action or gap means different things per group
+        if time_mode == "concat":
+            fan_in = obj + time_buckets + (num_behaviors if use_actions else 0)
+            self.proj = nn.ModuleList(nn.Linear(obj, dim) for _ in range(num_groups))
+            self.time = nn.ModuleList(nn.Embedding(time_buckets, dim) for _ in range(num_groups))
+            self.action = nn.ModuleList(
+                nn.Embedding(num_behaviors, dim) for _ in range(num_groups if use_actions else 0)
+            )
+            for table in (*self.proj, *self.time, *self.action):
+                _glorot_(table.weight, fan_in, dim)  # slices of one dense kernel
+            for p in self.proj:
+                nn.init.zeros_(p.bias)
+        else:
+            self.proj = nn.ModuleList(_dense(obj, dim) for _ in range(num_groups))
+            self.time = nn.ModuleList(nn.Embedding(time_buckets, obj) for _ in range(num_groups))
+            self.action = nn.ModuleList(
+                nn.Embedding(num_behaviors, obj) for _ in range(num_groups if use_actions else 0)
+            )
+            for table in (*self.time, *self.action):
+                _glorot_(table.weight, table.num_embeddings, obj)
+
+    def objects(self, item: Tensor, cate: Tensor) -> Tensor:
+        """Args:
+            item: (...) item ids.
+            cate: (...) category ids.
+
+        Returns:
+            (..., 2E) object embeddings emb(o) = item ⊕ category.
+        """
+        return torch.cat([self.item(item), self.cate(cate)], dim=-1)  # (..., 2E)
+
+    def forward(
+        self, item: Tensor, cate: Tensor, bucket: Tensor, action: Tensor | None, group: Tensor
+    ) -> Tensor:
+        """Args:
+            item, cate: (B, L) object ids.
+            bucket: (B, L) time bucket ids.
+            action: (B, L) action (behaviour) ids, or None when actions are not used.
+            group: (B, L) group index of each behaviour in [0, G).
+
+        Returns:
+            (B, L, D) behaviours in the common space.
+        """
+        obj = self.objects(item, cate)  # (B, L, 2E)
+        per_group = []
+        for g, proj in enumerate(self.proj):  # G is small: loop over groups, not samples
+            extra = self.time[g](bucket)  # (B, L, D or 2E)
+            if action is not None:
+                extra = extra + self.action[g](action)  # (B, L, D or 2E)
+            if self.time_mode == "concat":
+                per_group.append(proj(obj) + extra)  # (B, L, D)
+            else:
+                per_group.append(proj(obj + extra))  # (B, L, D)
+        if len(per_group) == 1:
+            return per_group[0]
+        stacked = torch.stack(per_group, dim=-2)  # (B, L, G, D)
+        index = group[..., None, None].expand(-1, -1, 1, stacked.shape[-1])  # (B, L, 1, D)
+        return stacked.gather(-2, index).squeeze(-2)  # (B, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention as in the reference code: ReLU-activated dense Q/K/V, no output
+    projection, key and query masking, dropout on the weights, residual + layer norm.
+
+    Args:
+        dim: width D of queries, keys and outputs.
+        num_heads: number of heads H (latent spaces); divides D.
+        dropout: dropout on the attention weights.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = _dense(dim, dim)
+        self.k = _dense(dim, dim)
+        self.v = _dense(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(dim, eps=1e-8)
+
+    def forward(
+        self, queries: Tensor, query_mask: Tensor, keys: Tensor, key_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Args:
+            queries: (B, Q, D).
+            query_mask: (B, Q) bool, True at real queries.
+            keys: (B, L, D).
+            key_mask: (B, L) bool, True at real keys.
+
+        Returns:
+            (B, Q, D) outputs and (B, H, Q, L) attention weights (before dropout); weights are 0
+            on padded keys and padded queries, and on every key of a row without real keys.
+        """
+        B, Q, D = queries.shape
+        H = self.num_heads
+        # "latent spaces": each head sees the behaviours through its own slice of a ReLU dense
+        q = F.relu(self.q(queries)).view(B, Q, H, D // H).transpose(1, 2)  # (B, H, Q, D/H)
+        k = F.relu(self.k(keys)).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        v = F.relu(self.v(keys)).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)  # (B, H, Q, L)
+        # a finite fill: a row without keys softmaxes to uniform and is zeroed below, never NaN
+        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1)  # (B, H, Q, L)
+        weights = weights * (key_mask[:, None, None, :] & query_mask[:, None, :, None])
+        out = self.dropout(weights) @ v  # (B, H, Q, D/H)
+        out = out.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
+        return self.ln(out + queries), weights
+
+
+class FeedForward(nn.Module):
+    """Point-wise feed-forward of widths (D/4, D), residual + layer norm (reference code)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.inner = _dense(dim, dim // 4)
+        self.outer = _dense(dim // 4, dim)
+        self.ln = nn.LayerNorm(dim, eps=1e-8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args:
+            x: (B, Q, D).
+
+        Returns:
+            (B, Q, D).
+        """
+        return self.ln(x + self.outer(F.relu(self.inner(x))))  # (B, Q, D)
+
+
+class Block(nn.Module):
+    """One attention + feed-forward block (used for both the self- and the vanilla attention)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = Attention(dim, num_heads, dropout)
+        self.ffn = FeedForward(dim)
+
+    def forward(
+        self, queries: Tensor, query_mask: Tensor, keys: Tensor, key_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Shapes as in `Attention.forward`."""
+        x, weights = self.attn(queries, query_mask, keys, key_mask)  # (B, Q, D)
+        return self.ffn(x), weights
+
+
+class ATRank(nn.Module):
+    """Attention-based user behaviour modelling for ranking.
+
+    Groups: `group_by="item"` puts every behaviour in one item group (Taobao pv/cart/fav/buy are
+    all interactions with an item) and tells them apart with the group's action lookup;
+    `group_by="behavior"` makes every behaviour id its own group with its own time table, action
+    table and projection (a group then holds one action, so its action vector acts as a
+    learned per-group offset).
+
+    Target: the candidate's object embedding goes through the item group's projection F_M with
+    no time and no action (as `multi/model.py` does, zero-padding those inputs); in "behavior"
+    mode the candidate is not a behaviour of any one group, so it has its own projection.
+
+    Args:
+        schema: the dataset schema; sizes the vocabularies.
+        embed_dim: item and category embedding width E; behaviours are projected to D = 2E.
+        num_heads: number of heads (latent spaces) H; must divide 2 * embed_dim.
+        num_layers: number of blocks in the self-attention and in the vanilla attention.
+        dropout: dropout on attention weights.
+        max_len: longest history used; longer histories keep the most recent max_len events.
+        time_buckets: number of log2 time-gap buckets.
+        time_unit_seconds: time unit of the buckets (a day in the paper).
+        time_mode: "concat" (reference Amazon code) or "add" (paper's lookup).
+        group_by: "item" or "behavior".
+        use_actions: whether to embed the action type (only with more than one behaviour).
+        l2_reg: rate of the L2 penalty on the user and target vectors (see `regularization`).
+
+    Raises:
+        ValueError: on an invalid hyperparameter, naming it, its value and what is allowed.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        *,
+        embed_dim: int = 64,
+        num_heads: int = 8,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        max_len: int = 50,
+        time_buckets: int = 12,
+        time_unit_seconds: float = 86400.0,
+        time_mode: str = "concat",
+        group_by: str = "item",
+        use_actions: bool = True,
+        l2_reg: float = 5e-5,
+    ) -> None:
+        super().__init__()
+        _check(embed_dim >= 2, "embed_dim", embed_dim, "an integer >= 2")
+        dim = 2 * embed_dim
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the attention width 2*embed_dim={dim}"
+            )
+        _check(num_layers >= 1, "num_layers", num_layers, "an integer >= 1")
+        _check(0.0 <= dropout < 1.0, "dropout", dropout, "a float in [0, 1)")
+        _check(max_len >= 1, "max_len", max_len, "an integer >= 1")
+        _check(time_buckets >= 1, "time_buckets", time_buckets, "an integer >= 1")
+        _check(time_unit_seconds > 0, "time_unit_seconds", time_unit_seconds, "a float > 0")
+        _check(time_mode in TIME_MODES, "time_mode", time_mode, f"one of {TIME_MODES}")
+        _check(group_by in GROUP_BYS, "group_by", group_by, f"one of {GROUP_BYS}")
+        _check(l2_reg >= 0, "l2_reg", l2_reg, "a float >= 0")
+        _check(
+            schema.num_behaviors >= 2,
+            "schema.num_behaviors",
+            schema.num_behaviors,
+            "an integer >= 2 (padding + at least one behaviour)",
+        )
+        self.max_len = max_len
+        self.time_buckets = time_buckets
+        self.time_unit_seconds = time_unit_seconds
+        self.group_by = group_by
+        self.l2_reg = l2_reg
+        # Amazon has a single action: there is nothing for an action lookup to tell apart
+        self.use_actions = use_actions and schema.num_behaviors > 2
+        self.num_groups = 1 if group_by == "item" else schema.num_behaviors - 1
+
+        self.behaviors = BehaviorEmbedding(
+            num_items=schema.num_items,
+            num_cates=schema.num_cates,
+            num_behaviors=schema.num_behaviors,
+            num_groups=self.num_groups,
+            embed_dim=embed_dim,
+            dim=dim,
+            time_buckets=time_buckets,
+            time_mode=time_mode,
+            use_actions=self.use_actions,
+        )
+        self.candidate = _dense(2 * embed_dim, dim) if group_by == "behavior" else None
+        self.item_bias = nn.Parameter(torch.zeros(schema.num_items))
+        self.self_blocks = nn.ModuleList(Block(dim, num_heads, dropout) for _ in range(num_layers))
+        self.target_blocks = nn.ModuleList(
+            Block(dim, num_heads, dropout) for _ in range(num_layers)
+        )
+        self._user: Tensor | None = None
+        self._target: Tensor | None = None
+
+    def embed_target(self, item: Tensor, cate: Tensor) -> Tensor:
+        """Args:
+            item, cate: (B,) candidate ids.
+
+        Returns:
+            (B, D) candidate vectors in the common space.
+        """
+        obj = self.behaviors.objects(item, cate)  # (B, 2E)
+        if self.candidate is not None:
+            return self.candidate(obj)  # (B, D)
+        return self.behaviors.proj[0](obj)  # (B, D): item group's F_M, no time, no action
+
+    def forward(
+        self, batch: Batch, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor | list[Tensor]]]:
+        """Score candidates against the user's behaviours.
+
+        Args:
+            batch: histories (B, L) left-padded, candidates (B,).
+            return_attention: also return the attention weights of both stages.
+
+        Returns:
+            (B,) logits; with return_attention also {"self": [(B, H, L, L)] per block,
+            "target": (B, L) vanilla attention of the last block, averaged over heads}.
+        """
+        L = min(batch.hist_item.shape[1], self.max_len)
+        item, cate = batch.hist_item[:, -L:], batch.hist_cate[:, -L:]  # (B, L): most recent
+        behavior, mask = batch.hist_behavior[:, -L:], batch.hist_mask[:, -L:]  # (B, L)
+        bucket = log2_time_bucket(
+            batch.hist_gap[:, -L:], self.time_buckets, self.time_unit_seconds
+        )  # (B, L)
+        if self.group_by == "item":
+            group = torch.zeros_like(behavior)  # (B, L)
+        else:
+            group = (behavior - 1).clamp(0, self.num_groups - 1)  # (B, L); pads masked anyway
+        action = behavior if self.use_actions else None
+        h = self.behaviors(item, cate, bucket, action, group)  # (B, L, D)
+
+        stt = []
+        for block in self.self_blocks:  # self-attention in K latent spaces
+            h, w = block(h, mask, h, mask)  # (B, L, D), (B, H, L, L)
+            stt.append(w)
+
+        target = self.embed_target(batch.target_item, batch.target_cate)  # (B, D)
+        u = target[:, None]  # (B, 1, D)
+        one = torch.ones_like(mask[:, :1])  # (B, 1)
+        for block in self.target_blocks:  # vanilla attention from the target
+            u, att = block(u, one, h, mask)  # (B, 1, D), (B, H, 1, L)
+        has_history = mask.any(dim=1, keepdim=True)  # (B, 1)
+        u = u.squeeze(1) * has_history  # (B, D): no behaviours, no user vector
+
+        self._user, self._target = u, target
+        logits = self.item_bias[batch.target_item] + (u * target).sum(-1)  # (B,)
+        if return_attention:
+            return logits, {"self": stt, "target": att.mean(dim=1).squeeze(1)}  # (B, L)
+        return logits
+
+    def regularization(self) -> Tensor:
+        """L2 penalty of the last forward: l2_reg * (|u|^2 + |v|^2) / 2, averaged over the batch.
+
+        Returns:
+            () scalar tensor.
+
+        Raises:
+            RuntimeError: if called before any forward.
+        """
+        if self._user is None or self._target is None:
+            raise RuntimeError("ATRank.regularization() needs a forward pass first")
+        sq = self._user.pow(2).sum() + self._target.pow(2).sum()
+        return self.l2_reg * sq / (2 * self._user.shape[0])
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ATRank: {key}={value!r} is invalid; allowed: {allowed}")

@@ -1,0 +1,210 @@
+"""Behavior Sequence Transformer (Chen et al., 2019, arXiv:1905.06874).
+
+The target item joins the user's behaviour sequence; a Transformer lets every event attend to
+every other and to the target; the time gap to the target is the position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrank.data.types import Batch, Schema
+from seqrank.models.layers import MLP, TimeBucketEmbedding, TransformerEncoder
+
+POOLINGS = ("concat", "target", "mean")
+
+
+class BST(nn.Module):
+    """Behavior Sequence Transformer for click-through ranking.
+
+    Items are embedded as [item; category] (the DIN/ATRank convention), so the Transformer
+    width is d_model = 2 * embed_dim.
+
+    Args:
+        schema: dataset schema; sizes every vocabulary.
+        embed_dim: width of the item and of the category embedding (d_model = 2 * embed_dim).
+        num_heads: attention heads; must divide d_model.
+        num_layers: Transformer blocks (the paper finds 1 best).
+        ffn_dim: FFN hidden width; None = d_model.
+        dropout: dropout inside the Transformer.
+        max_len: longest history used; longer histories keep their most recent max_len events.
+        time_buckets: log2 buckets of the time gap to the target (the position embedding).
+        time_unit_seconds: unit of the log2 buckets (a day by default).
+        pooling: how the L+1 Transformer outputs become one vector: `concat` (the paper:
+            flatten all of them, left-padded to max_len+1), `target` (the target's output) or
+            `mean` (mean over valid positions and the target).
+        use_user: concatenate a user embedding ("other features") before the MLP.
+        use_behavior: add a behaviour-type embedding when the schema has several behaviours
+            (num_behaviors > 2); the target gets an extra "candidate" id.
+        mlp_dims: hidden widths of the final MLP (LeakyReLU).
+        mlp_dropout: dropout after each MLP hidden layer.
+
+    Raises:
+        ValueError: for a hyperparameter out of range or heads not dividing d_model.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        *,
+        embed_dim: int = 64,
+        num_heads: int = 8,
+        num_layers: int = 1,
+        ffn_dim: int | None = None,
+        dropout: float = 0.2,
+        max_len: int = 20,
+        time_buckets: int = 12,
+        time_unit_seconds: float = 86400.0,
+        pooling: str = "concat",
+        use_user: bool = False,
+        use_behavior: bool = True,
+        mlp_dims: tuple[int, ...] = (1024, 512, 256),
+        mlp_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_model = 2 * embed_dim
+        _check(embed_dim >= 1, f"embed_dim must be >= 1, got embed_dim={embed_dim}")
+        _check(
+            num_heads >= 1 and d_model % num_heads == 0,
+            f"num_heads={num_heads} must divide the attention width d_model={d_model} "
+            f"(= 2 * embed_dim={embed_dim})",
+        )
+        _check(num_layers >= 0, f"num_layers must be >= 0, got num_layers={num_layers}")
+        _check(max_len >= 1, f"max_len must be >= 1, got max_len={max_len}")
+        _check(time_buckets >= 1, f"time_buckets must be >= 1, got time_buckets={time_buckets}")
+        _check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got dropout={dropout}")
+        _check(
+            0.0 <= mlp_dropout < 1.0,
+            f"mlp_dropout must be in [0, 1), got mlp_dropout={mlp_dropout}",
+        )
+        _check(pooling in POOLINGS, f"pooling={pooling!r} must be one of {POOLINGS}")
+        ffn_dim = d_model if ffn_dim is None else ffn_dim
+        _check(ffn_dim >= 1, f"ffn_dim must be >= 1, got ffn_dim={ffn_dim}")
+        self.d_model = d_model
+        self.max_len = max_len
+        self.pooling = pooling
+        self.num_behaviors = schema.num_behaviors
+
+        # embedding layer (paper section 2.1): item and category, concatenated
+        self.item_emb = nn.Embedding(schema.num_items, embed_dim, padding_idx=0)
+        self.cate_emb = nn.Embedding(schema.num_cates, embed_dim, padding_idx=0)
+        # position: pos(v_i) = t(v_t) - t(v_i), in log2 buckets
+        self.time_emb = TimeBucketEmbedding(time_buckets, d_model, time_unit_seconds)
+        # one behaviour kind (Amazon) carries no information; the extra row is the candidate
+        self.behavior_emb = (
+            nn.Embedding(schema.num_behaviors + 1, d_model, padding_idx=0)
+            if use_behavior and schema.num_behaviors > 2
+            else None
+        )
+        self.user_emb = (
+            nn.Embedding(schema.num_users, embed_dim, padding_idx=0) if use_user else None
+        )
+
+        # transformer layer (section 2.2): post-norm self-attention + LeakyReLU FFN
+        self.encoder = TransformerEncoder(
+            num_layers, d_model, num_heads, ffn_dim=ffn_dim, dropout=dropout
+        )
+
+        # MLP layers (section 2.3) on [pooled sequence; other features] -> one logit
+        pooled_dim = (max_len + 1) * d_model if pooling == "concat" else d_model
+        other_dim = embed_dim if use_user else 0
+        self.mlp = MLP(pooled_dim + other_dim, tuple(mlp_dims), dropout=mlp_dropout)
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Score each candidate against its user's behaviour sequence.
+
+        Args:
+            batch: a `Batch` with left-padded histories of any length L.
+
+        Returns:
+            (B,) logits (no sigmoid).
+        """
+        x, mask = self.embed_sequence(batch)  # (B, L+1, D), (B, L+1)
+        x = self.encoder(x, mask)  # (B, L+1, D), zeros where padded
+        z = self.pool(x, mask)  # (B, P)
+        if self.user_emb is not None:
+            z = torch.cat([z, self.user_emb(batch.user)], dim=-1)  # (B, P + E)
+        return self.mlp(z).squeeze(-1).float()  # (B,), float32 also under autocast
+
+    def embed_items(self, item: Tensor, cate: Tensor) -> Tensor:
+        """(...) item and category ids -> (..., D) embeddings [item; category]."""
+        return torch.cat([self.item_emb(item), self.cate_emb(cate)], dim=-1)
+
+    def embed_sequence(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The paper's embedding layer: history + target, each plus its position.
+
+        Args:
+            batch: a `Batch` with histories of length L_in.
+
+        Returns:
+            (B, L+1, D) embeddings with the target at position L, L = min(L_in, max_len),
+            and the (B, L+1) bool mask of valid positions (the target is always valid).
+        """
+        L_in = batch.hist_item.shape[1]
+        start = max(L_in - self.max_len, 0)  # left-padded: the last positions are the most recent
+        padded = (
+            batch.hist_item,
+            batch.hist_cate,
+            batch.hist_behavior,
+            batch.hist_gap,
+            batch.hist_mask,
+        )
+        item, cate, behavior, gap, mask = (t[:, start:] for t in padded)  # (B, L) each
+        hist = self.embed_items(item, cate)  # (B, L, D)
+        target = self.embed_items(batch.target_item, batch.target_cate)  # (B, D)
+        x = torch.cat([hist, target[:, None]], dim=1)  # (B, L+1, D)
+        # pos(v_i) = t(v_t) - t(v_i): the paper found this beats sin/cos positions; target: 0
+        x = x + self.time_emb(F.pad(gap, (0, 1), value=0))  # (B, L+1, D)
+        if self.behavior_emb is not None:
+            # the target is a candidate, not an observed behaviour: it gets its own id
+            x = x + self.behavior_emb(F.pad(behavior, (0, 1), value=self.num_behaviors))
+        target_valid = torch.ones(len(batch), 1, dtype=torch.bool, device=mask.device)  # (B, 1)
+        return x, torch.cat([mask.bool(), target_valid], dim=1)  # (B, L+1, D), (B, L+1)
+
+    def pool(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Turn the Transformer outputs into one vector per sample.
+
+        Args:
+            x: (B, L+1, D) outputs, zero at padded positions, target last.
+            mask: (B, L+1) bool valid positions.
+
+        Returns:
+            (B, (max_len+1) * D) for `concat`, else (B, D).
+        """
+        if self.pooling == "target":
+            return x[:, -1]  # (B, D)
+        if self.pooling == "mean":
+            return x.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(x.dtype)  # (B, D)
+        # concat: left-pad to max_len+1 so the MLP input size does not depend on L
+        x = F.pad(x, (0, 0, self.max_len + 1 - x.shape[1], 0))  # (B, max_len+1, D)
+        return x.flatten(1)  # (B, (max_len+1) * D)
+
+    def attention_weights(self, batch: Batch) -> list[Tensor]:
+        """Per-layer attention weights, for plots.
+
+        Args:
+            batch: a `Batch`.
+
+        Returns:
+            one (B, H, L+1, L+1) tensor per layer; the target is the last query/key.
+        """
+        x, mask = self.embed_sequence(batch)
+        _, weights = self.encoder(x, mask, return_weights=True)
+        return weights
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"BST: {message}")

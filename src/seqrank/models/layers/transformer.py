@@ -1,0 +1,114 @@
+"""Post-norm Transformer encoder as in BST (Chen et al., 2019, eqs. 5-6).
+
+S' = LayerNorm(S + Dropout(MH(S)));  F = LayerNorm(S' + Dropout(FFN(S'))),
+with a point-wise FFN of Linear -> LeakyReLU -> Linear.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from seqrank.models.layers.attention import MultiHeadSelfAttention
+from seqrank.models.layers.mlp import make_activation
+
+
+class TransformerBlock(nn.Module):
+    """One post-norm self-attention block.
+
+    Args:
+        d_model: width D.
+        num_heads: attention heads; must divide d_model.
+        ffn_dim: hidden width of the point-wise feed-forward network.
+        dropout: dropout on attention weights and on both residual branches.
+        activation: FFN activation name (the paper uses LeakyReLU).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        ffn_dim: int,
+        dropout: float,
+        activation: str = "leaky_relu",
+    ) -> None:
+        super().__init__()
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, ffn_dim), make_activation(activation), nn.Linear(ffn_dim, d_model)
+        )
+        self.norm2 = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Args:
+            x: (B, L, D) inputs.
+            mask: (B, L) bool, True at valid positions; None = all valid.
+            return_weights: also return the (B, H, L, L) attention weights.
+
+        Returns:
+            (B, L, D) outputs (padded positions are not zeroed here), and the weights if asked.
+        """
+        a = self.attn(x, mask, return_weights=return_weights)
+        a, weights = a if return_weights else (a, None)  # (B, L, D), (B, H, L, L)
+        x = self.norm1(x + self.drop(a))  # eq. 5
+        x = self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
+        return (x, weights) if return_weights else x
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of `TransformerBlock`s; outputs at padded positions are zeros.
+
+    Args:
+        num_layers: number of blocks (0 = identity, up to the zeroing of padding).
+        d_model: width D.
+        num_heads: attention heads; must divide d_model.
+        ffn_dim: FFN hidden width.
+        dropout: dropout rate of every block.
+        activation: FFN activation name.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        *,
+        ffn_dim: int,
+        dropout: float,
+        activation: str = "leaky_relu",
+    ) -> None:
+        super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got num_layers={num_layers}")
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                d_model, num_heads, ffn_dim=ffn_dim, dropout=dropout, activation=activation
+            )
+            for _ in range(num_layers)
+        )
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, return_weights: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Args:
+            x: (B, L, D) inputs.
+            mask: (B, L) bool, True at valid positions; None = all valid.
+            return_weights: also return a list with each layer's (B, H, L, L) weights.
+
+        Returns:
+            (B, L, D) outputs, zero where mask is False; and the weights if asked.
+        """
+        weights = []
+        for layer in self.layers:
+            if return_weights:
+                x, w = layer(x, mask, return_weights=True)
+                weights.append(w)
+            else:
+                x = layer(x, mask)
+        if mask is not None:
+            x = x * mask[..., None].to(x.dtype)  # (B, L, D)
+        return (x, weights) if return_weights else x

@@ -1,0 +1,136 @@
+"""train(cfg) and evaluate(cfg): a straight list of steps, called by the thin Hydra shims."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from seqrank.data.datamodule import SeqDataModule
+from seqrank.data.errors import DataError
+from seqrank.evaluation import gap_closed, reference_metrics
+from seqrank.lit.ranking import RankingModule
+from seqrank.utils.run import instantiate_callbacks, instantiate_loggers, print_config_tree, print_results
+
+log = logging.getLogger(__name__)
+METRICS = ("auc", "gauc", "pairwise_auc", "logloss")
+
+
+def build_model(cfg: DictConfig, dm: SeqDataModule) -> RankingModule:
+    """The Schema sizes the net: `model.net` is a partial completed with it."""
+    net = hydra.utils.instantiate(cfg.model.net)(dm.schema)
+    return hydra.utils.instantiate(cfg.model, net=net)
+
+
+def _metric_dict(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def report(dm: SeqDataModule, metrics: dict[str, float], title: str) -> dict[str, float]:
+    """Prints the model's val/test metrics beside popularity and oracle; returns the extras."""
+    rows: dict[str, dict[str, Any]] = {}
+    for stage in ("val", "test"):
+        vals = {m: metrics[f"{stage}/{m}"] for m in METRICS if f"{stage}/{m}" in metrics}
+        if vals:
+            label = "val (= test, protocol paper)" if stage == "val" and dm.eval_split("val") == "test" else stage
+            rows[f"model {label}"] = vals
+    extras: dict[str, float] = {}
+    for name, vals in reference_metrics(dm.store, "test").items():
+        rows[f"{name} test"] = vals
+        extras.update({f"test/{name}_{k}": v for k, v in vals.items()})
+    key = "test/pairwise_auc"
+    if key in metrics and "test/oracle_pairwise_auc" in extras:
+        closed = gap_closed(metrics[key], extras["test/popularity_pairwise_auc"], extras["test/oracle_pairwise_auc"])
+        extras["test/gap_closed"] = closed
+        title += f" — model closes {closed:.1%} of the popularity→oracle gap (pairwise_auc)"
+    print_results(rows, METRICS, title)
+    return extras
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Trains, tests at the best validation checkpoint, prints and returns the metrics."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    started = time.time()
+    log.info("preparing data <%s>", cfg.data.name)
+    dm: SeqDataModule = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(cfg, dm)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    hparams = {"cfg": model.run_config, "schema": dm.schema.to_dict(), "store": str(dm.store.path),
+               "data_fingerprint": dm.fingerprint(), "num_params": sum(p.numel() for p in model.parameters())}
+    for lg in trainer.loggers:
+        lg.log_hyperparams(hparams)
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    train_metrics = _metric_dict(trainer)
+    fit_seconds = time.time() - started
+    metrics = dict(train_metrics)
+    if cfg.get("test", True):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not ckpt:
+            log.warning("no best checkpoint found; testing the current weights")
+        trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, weights_only=False)
+        metrics.update(_metric_dict(trainer))
+        metrics.update(report(dm, metrics, f"{cfg.model.net._target_.rsplit('.', 1)[-1]} on {cfg.data.name}"))
+        if ckpt:
+            metrics["best_ckpt"] = ckpt  # type: ignore[assignment]
+    metrics["time/train_and_test_s"] = fit_seconds
+    log.info("best checkpoint: %s", metrics.get("best_ckpt"))
+    return metrics, {"cfg": cfg, "datamodule": dm, "model": model, "trainer": trainer}
+
+
+def load_run_config(ckpt_path: str | Path) -> DictConfig:
+    """The composed config a checkpoint was trained with (saved by RankingModule)."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "seqrank_config" not in ckpt:
+        raise KeyError(f"{path}: no 'seqrank_config' entry; was it written by seqrank's train.py?")
+    return OmegaConf.create(ckpt["seqrank_config"])
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Re-tests a checkpoint with the exact data and model config it was trained with."""
+    run_cfg = load_run_config(cfg.ckpt_path)
+    if cfg.get("data_overrides"):
+        run_cfg = OmegaConf.merge(run_cfg, {"data": cfg.data_overrides})
+    dm: SeqDataModule = hydra.utils.instantiate(run_cfg.data)
+    dm.prepare_data()
+    dm.setup("test")
+    model = build_model(run_cfg, dm)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    trainer.test(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=False)
+    metrics = _metric_dict(trainer)
+    metrics.update(report(dm, metrics, f"{run_cfg.model.net._target_.rsplit('.', 1)[-1]} on {run_cfg.data.name} (eval)"))
+    return metrics, {"cfg": run_cfg, "datamodule": dm, "model": model, "trainer": trainer}
+
+
+def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
+    """Prints the config tree, runs the task, returns `optimized_metric` for sweepers.
+
+    Data errors (missing or malformed raw files) end the run with their message alone, not a
+    traceback from deep inside a parser.
+    """
+    out = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=out / "config_tree.log")
+    try:
+        metrics, _ = task(cfg)
+    except DataError as e:
+        log.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+    name = cfg.get("optimized_metric")
+    if name and name in metrics:
+        return float(metrics[name])
+    return None

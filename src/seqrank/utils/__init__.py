@@ -1,0 +1,1 @@
+"""Run plumbing shared by train and eval: instantiators, config tree, result tables."""

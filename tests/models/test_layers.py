@@ -1,0 +1,180 @@
+"""Tests for seqrank.models.layers: numeric checks against hand values and references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seqrank.models.layers import (
+    MLP,
+    MultiHeadSelfAttention,
+    TimeBucketEmbedding,
+    TransformerBlock,
+    TransformerEncoder,
+    log2_time_bucket,
+)
+
+DAY = 86400
+
+
+# --- log2_time_bucket ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gap_days", "bucket"),
+    [
+        (0, 0),  # g = 1
+        (0.5, 0),  # fractional day, g = 1.5
+        (0.999, 0),
+        (1, 1),  # g = 2: exact power of two opens bucket 1
+        (2.5, 1),  # g = 3.5
+        (3, 2),  # g = 4
+        (6.99, 2),
+        (7, 3),  # g = 8
+        (1022, 9),  # g = 1023
+        (1023, 10),  # g = 1024
+        (2046, 10),
+        (2047, 11),  # g = 2048: the last of 12 buckets
+        (10**9, 11),  # huge overflow clamps to the last bucket
+        (-5, 0),  # negative gaps count as 0
+    ],
+)
+def test_log2_time_bucket_hand_values(gap_days: float, bucket: int) -> None:
+    gap = torch.tensor([gap_days * DAY], dtype=torch.float64)
+    assert log2_time_bucket(gap, 12).tolist() == [bucket]
+
+
+def test_log2_time_bucket_int64_seconds_at_edges() -> None:
+    edges = [(2**k - 1) * DAY for k in range(1, 12)]
+    gap = torch.tensor([e - 1 for e in edges] + edges + [0, 1, -(10**12), 2**62])  # int64
+    out = log2_time_bucket(gap, 12)
+    assert out.dtype == torch.int64
+    assert out.tolist() == list(range(11)) + list(range(1, 12)) + [0, 0, 0, 11]
+
+
+def test_log2_time_bucket_units_shape_and_inf() -> None:
+    gap = torch.tensor([[0.0, 1.0], [3.0, float("inf")]])
+    assert log2_time_bucket(gap, 4, unit_seconds=1.0).tolist() == [[0, 1], [2, 3]]
+    assert log2_time_bucket(gap, 1).tolist() == [[0, 0], [0, 0]]
+
+
+def test_log2_time_bucket_rejects_zero_buckets() -> None:
+    with pytest.raises(ValueError, match="num_buckets must be >= 1"):
+        log2_time_bucket(torch.zeros(3), 0)
+    with pytest.raises(ValueError, match="num_buckets"):
+        TimeBucketEmbedding(0, 8)
+
+
+def test_time_bucket_embedding_looks_up_the_bucket() -> None:
+    torch.manual_seed(0)
+    emb = TimeBucketEmbedding(5, 3)
+    gap = torch.tensor([[0, 3 * DAY], [10**10, DAY]])
+    out = emb(gap)
+    assert out.shape == (2, 2, 3)
+    torch.testing.assert_close(out, emb.embedding.weight[torch.tensor([[0, 2], [4, 1]])])
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def _naive_attention(
+    attn: MultiHeadSelfAttention, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Loop-per-head reference with an explicit masked softmax."""
+    B, L, D = x.shape
+    H, d = attn.num_heads, D // attn.num_heads
+    Wq, Wk, Wv = attn.qkv.weight.split(D, dim=0)
+    bq, bk, bv = attn.qkv.bias.split(D)
+    q, k, v = x @ Wq.T + bq, x @ Wk.T + bk, x @ Wv.T + bv
+    heads = []
+    for h in range(H):
+        sl = slice(h * d, (h + 1) * d)
+        s = q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(d)  # (B, L, L)
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+        w = torch.exp(s - s.amax(-1, keepdim=True))
+        heads.append((w / w.sum(-1, keepdim=True)) @ v[..., sl])
+    return torch.cat(heads, dim=-1) @ attn.out.weight.T + attn.out.bias
+
+
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_attention_matches_naive_reference(return_weights: bool) -> None:
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(16, 4, 0.3).eval()
+    x = torch.randn(3, 6, 16)
+    mask = torch.tensor([[True] * 6, [False, False, True, True, False, True], [False] * 5 + [True]])
+    out = attn(x, mask, return_weights=return_weights)
+    if return_weights:
+        out, weights = out
+        assert weights.shape == (3, 4, 6, 6)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 6))
+        assert (weights[1][..., ~mask[1]] == 0).all()
+    torch.testing.assert_close(out, _naive_attention(attn, x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_fully_padded_row_is_zero_and_finite_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(32, 4, 0.0)
+    x = torch.randn(3, 5, 32) * 30
+    mask = torch.tensor([[False] * 5, [True] * 5, [False, False, False, True, True]])
+    for return_weights in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, mask, return_weights=return_weights)
+        out, weights = out if return_weights else (out, None)
+        assert torch.isfinite(out).all()
+        assert (out[0] == 0).all()
+        if weights is not None:
+            assert torch.isfinite(weights).all() and (weights[0] == 0).all()
+    out = attn(x, mask)  # fp32 too
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
+def test_attention_without_mask_attends_everywhere() -> None:
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(8, 2).eval()
+    x = torch.randn(2, 4, 8)
+    torch.testing.assert_close(attn(x), attn(x, torch.ones(2, 4, dtype=torch.bool)))
+
+
+def test_attention_heads_must_divide_width() -> None:
+    with pytest.raises(
+        ValueError, match=r"num_heads=3 must divide the attention width d_model=128"
+    ):
+        MultiHeadSelfAttention(128, 3)
+
+
+# --- transformer, mlp -------------------------------------------------------------------------
+
+
+def test_transformer_block_is_post_norm_as_in_the_paper() -> None:
+    torch.manual_seed(0)
+    block = TransformerBlock(8, 2, ffn_dim=16, dropout=0.0).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    s = block.norm1(x + block.attn(x, mask))  # eq. 5
+    ffn = block.ffn[2](torch.nn.functional.leaky_relu(block.ffn[0](s)))
+    torch.testing.assert_close(block(x, mask), block.norm2(s + ffn))  # eq. 6
+
+
+def test_encoder_zeroes_padding_and_ignores_padded_inputs() -> None:
+    torch.manual_seed(0)
+    enc = TransformerEncoder(2, 8, 2, ffn_dim=16, dropout=0.1).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False, False, True, True, True], [False] * 5])
+    out, weights = enc(x, mask, return_weights=True)
+    assert out.shape == (2, 5, 8) and len(weights) == 2 and weights[0].shape == (2, 2, 5, 5)
+    assert (out[~mask] == 0).all() and torch.isfinite(out).all()
+    scrambled = torch.where(mask[..., None], x, torch.randn_like(x) * 100)
+    torch.testing.assert_close(enc(scrambled, mask), out)
+
+
+def test_mlp_shapes_and_validation() -> None:
+    mlp = MLP(10, (32, 16), dropout=0.1)
+    assert mlp(torch.randn(4, 10)).shape == (4, 1)
+    assert MLP(10, (), out_dim=3)(torch.randn(4, 10)).shape == (4, 3)
+    assert isinstance(mlp.net[1], torch.nn.LeakyReLU)
+    with pytest.raises(ValueError, match="activation='swish'"):
+        MLP(10, (4,), activation="swish")
