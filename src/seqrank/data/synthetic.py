@@ -20,8 +20,11 @@ score any model that sees the history can reach.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,8 +67,21 @@ class SyntheticAmazonSpec:
             raise ValueError(
                 f"num_items={self.num_items} must be at least 2 x num_cates={self.num_cates}"
             )
-        if self.p_complement_recent + self.p_taste + self.p_noise > 1:
-            raise ValueError("p_complement_recent + p_taste + p_noise must be <= 1")
+        for name in ("zipf_item", "zipf_cate", "p_complement_recent", "p_complement_stale", "p_taste",
+                     "p_noise", "p_recent_gap", "frac_items_without_meta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected >= 0")
+        for name in ("p_recent_gap", "frac_items_without_meta"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected <= 1")
+        for name in ("p_complement_recent", "p_complement_stale"):
+            if getattr(self, name) + self.p_taste + self.p_noise > 1:
+                raise ValueError(f"data.source.spec: {name} + p_taste + p_noise must be <= 1")
+        if not self.min_events <= self.max_events <= self.num_items:
+            raise ValueError(
+                f"data.source.spec: need min_events={self.min_events} <= max_events={self.max_events}"
+                f" <= num_items={self.num_items} (users never repeat an item)"
+            )
 
 
 class AmazonOracle:
@@ -209,6 +225,14 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
     return out
 
 
+@contextlib.contextmanager
+def _gzip_text(path: Path) -> Iterator[io.TextIOWrapper]:
+    """A gzip text writer with a zero header mtime, so equal specs give byte-identical files."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            io.TextIOWrapper(gz, encoding="utf-8") as f:
+        yield f
+
+
 def _review_time(day: int) -> str:
     d = np.datetime64(day, "D").astype(object)
     return f"{d.month:02d} {d.day}, {d.year}"
@@ -227,7 +251,7 @@ def generate_amazon(out_dir: Path | str, spec: SyntheticAmazonSpec, *, name: str
     meta = out_dir / f"meta_{name}.json.gz"
     order = sorted(range(len(events)), key=lambda k: (oracle.asins[events[k][1]], events[k][2]))
     tmp = reviews.with_suffix(".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with _gzip_text(tmp) as f:
         for k in order:
             u, i, day = events[k]
             rec = {"reviewerID": users[u], "asin": str(oracle.asins[i])}
@@ -245,7 +269,7 @@ def generate_amazon(out_dir: Path | str, spec: SyntheticAmazonSpec, *, name: str
     tmp.replace(reviews)
     tmp = meta.with_suffix(".tmp")
     no_meta = rng.random(spec.num_items) < spec.frac_items_without_meta
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    with _gzip_text(tmp) as f:
         for i in range(spec.num_items):
             if no_meta[i]:
                 continue

@@ -153,7 +153,7 @@ def read_meta_categories(path: Path, wanted: set[str], bad: BadLines) -> tuple[d
             continue
         try:
             rec = ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
             bad.bad(path, lineno, f"not a Python literal ({type(e).__name__}: {e})")
             continue
         if not isinstance(rec, dict) or "asin" not in rec:
