@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,13 +34,16 @@ def compose_cfg(config_name: str, overrides: list[str], tmp_path: Path) -> DictC
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_readonly(cfg.hydra, False)
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.data_dir = str(tmp_path / "data")
         cfg.paths.log_dir = str(tmp_path / "logs")
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as @hydra.main hands it to the task
     (tmp_path / "out").mkdir(parents=True, exist_ok=True)
     return cfg
 
