@@ -16,7 +16,10 @@ from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.errors import DataError
 from seqrank.evaluation import gap_closed, reference_metrics
 from seqrank.lit.ranking import RankingModule
+from seqrank.utils.ddp import quiet_non_zero_rank
+from seqrank.utils.loggers import finish_loggers, git_info, log_model_summary
 from seqrank.utils.run import instantiate_callbacks, instantiate_loggers, print_config_tree, print_results
+from seqrank.utils.sweep import write_job_results
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "pairwise_auc", "logloss")
@@ -68,9 +71,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     hparams = {"cfg": model.run_config, "schema": dm.schema.to_dict(), "store": str(dm.store.path),
-               "data_fingerprint": dm.fingerprint(), "num_params": sum(p.numel() for p in model.parameters())}
+               "data_fingerprint": dm.fingerprint(), "num_params": sum(p.numel() for p in model.parameters()),
+               "git": git_info()}
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
+    if trainer.loggers:
+        log_model_summary(trainer.loggers, model, cfg.paths.output_dir)
     if cfg.get("train", True):
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = _metric_dict(trainer)
@@ -80,7 +86,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not ckpt:
             log.warning("no best checkpoint found; testing the current weights")
-        trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, weights_only=False)
+        trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, weights_only=True)
         metrics.update(_metric_dict(trainer))
         metrics.update(report(dm, metrics, f"{cfg.model.net._target_.rsplit('.', 1)[-1]} on {cfg.data.name}"))
         if ckpt:
@@ -95,7 +101,7 @@ def load_run_config(ckpt_path: str | Path) -> DictConfig:
     path = Path(ckpt_path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if "seqrank_config" not in ckpt:
         raise KeyError(f"{path}: no 'seqrank_config' entry; was it written by seqrank's train.py?")
     return OmegaConf.create(ckpt["seqrank_config"])
@@ -111,7 +117,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     dm.setup("test")
     model = build_model(run_cfg, dm)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
-    trainer.test(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=False)
+    trainer.test(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = _metric_dict(trainer)
     metrics.update(report(dm, metrics, f"{run_cfg.model.net._target_.rsplit('.', 1)[-1]} on {run_cfg.data.name} (eval)"))
     return metrics, {"cfg": run_cfg, "datamodule": dm, "model": model, "trainer": trainer}
@@ -121,16 +127,24 @@ def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     """Prints the config tree, runs the task, returns `optimized_metric` for sweepers.
 
     Data errors (missing or malformed raw files) end the run with their message alone, not a
-    traceback from deep inside a parser.
+    traceback from deep inside a parser. Rank 0 writes `results.json` (metrics, overrides, wall
+    time; read by the multirun summary) into the output dir, also for a failed run.
     """
+    quiet_non_zero_rank()
     out = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=out / "config_tree.log")
+    started = time.time()
     try:
-        metrics, _ = task(cfg)
+        metrics, objs = task(cfg)
     except DataError as e:
         log.error("%s", e)
+        write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=str(e))
         raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=repr(e))
+        raise
+    finish_loggers(objs["trainer"].loggers)
     name = cfg.get("optimized_metric")
-    if name and name in metrics:
-        return float(metrics[name])
-    return None
+    value = float(metrics[name]) if name and name in metrics else None
+    write_job_results(out, cfg, status="completed", wall_time_s=time.time() - started, metrics=metrics, objective=value)
+    return value

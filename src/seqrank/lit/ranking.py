@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrank.data.types import Batch
+from seqrank.data.types import Batch, Schema
 from seqrank.metrics import RankingMetrics
 
 STAGES = ("train", "val", "test")
@@ -18,6 +18,10 @@ STAGES = ("train", "val", "test")
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN or infinite; the message names the step."""
+
+
+class SchemaMismatchError(ValueError):
+    """Raised when a checkpoint's vocabulary sizes differ from the data's."""
 
 
 class RankingModule(L.LightningModule):
@@ -44,7 +48,10 @@ class RankingModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        # Plain values only: checkpoints then load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.net = net
         self.metrics = nn.ModuleDict({s: RankingMetrics() for s in ("val", "test")})
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, for eval.py
@@ -98,10 +105,10 @@ class RankingModule(L.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.hparams.optimizer(params=self.parameters())
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        scheduler = self.scheduler_factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -112,10 +119,28 @@ class RankingModule(L.LightningModule):
             },
         }
 
+    def _schema(self) -> Schema | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return dm.schema if dm is not None and getattr(dm, "store", None) is not None else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["seqrank_config"] = self.run_config
-        schema = getattr(self.trainer, "datamodule", None)
-        if schema is not None and getattr(schema, "store", None) is not None:
-            checkpoint["seqrank_schema"] = schema.schema.to_dict()
+        schema = self._schema()
+        if schema is not None:
+            checkpoint["seqrank_schema"] = schema.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint trained on data with other vocabulary sizes, by name."""
+        saved, schema = checkpoint.get("seqrank_schema"), self._schema()
+        if saved is None or schema is None:
+            return
+        keys = ("num_users", "num_items", "num_cates", "num_behaviors")
+        diff = {k: (saved[k], getattr(schema, k)) for k in keys if saved.get(k) != getattr(schema, k)}
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {a} vs data {b}" for k, (a, b) in diff.items())
+            raise SchemaMismatchError(
+                f"checkpoint was trained on dataset {saved.get('name')!r} with another schema "
+                f"than {schema.name!r} ({shown}); use the data config it was trained with"
+            )
 
