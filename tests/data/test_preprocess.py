@@ -127,7 +127,7 @@ def test_padding_is_id_zero_everywhere(processed) -> None:
         assert s.user.min() >= 1 and s.target.min() >= 1 and s.pos.min() >= 1
 
 
-@pytest.mark.parametrize("bad", ["time", "", "LOO", None])
+@pytest.mark.parametrize("bad", ["timed", "", "LOO", None])
 def test_unknown_protocol_is_refused(sim_events, bad) -> None:
     for call in (
         lambda: preprocess(sim_events, protocol=bad, seed=0),

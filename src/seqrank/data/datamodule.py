@@ -27,13 +27,16 @@ class SeqDataModule(L.LightningDataModule):
             `prepare()`, `fingerprint()`, `read(on_bad_line)`, `oracle()` and `unknown_cate_name`.
         name: dataset name; the store lives in `<processed_dir>/<name>-<fingerprint>`.
         processed_dir: root folder of processed stores.
-        protocol: `loo` (default) or `paper` (DESIGN.md section 5).
+        protocol: `loo` (default), `paper` or `time` (DESIGN.md section 5). `time` splits at the
+            source's `split_times()` (Taobao: the window's last two days) when it has one.
         max_len: history length L cut at batch time (not part of the store).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
         num_workers: DataLoader workers (0: gather in the main process; it is vectorised).
         seed: seed of negative sampling and of the training order.
         on_bad_line: `error` or `skip` for malformed raw lines.
+        target_behaviors: names (from the source's `behavior_names`) a target may have, e.g.
+            `[buy]`; None (default) = every behaviour. Histories always hold every behaviour.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class SeqDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         on_bad_line: str = "error",
+        target_behaviors: list[str] | tuple[str, ...] | None = None,
     ) -> None:
         super().__init__()
         check_protocol(protocol)
@@ -69,32 +73,47 @@ class SeqDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.on_bad_line = on_bad_line
+        self.target_behaviors = target_behavior_ids(target_behaviors, self.behavior_names)
         self.store: Store | None = None
+
+    @property
+    def behavior_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self.source, "behavior_names", ("review",)))
 
     # -- the store -------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        return fingerprint({"source": self.source.fingerprint(), "protocol": self.protocol,
-                            "seed": self.seed, "on_bad_line": self.on_bad_line})
+        parts = {"source": self.source.fingerprint(), "protocol": self.protocol,
+                 "seed": self.seed, "on_bad_line": self.on_bad_line}
+        if self.target_behaviors is not None:  # absent when every behaviour is a target
+            parts["target_behaviors"] = list(self.target_behaviors)
+        return fingerprint(parts)
+
+    def _split_times(self) -> tuple[int, int] | None:
+        get = getattr(self.source, "split_times", None)
+        return get() if self.protocol == "time" and get is not None else None
 
     def _build(self, final: Path) -> None:
         log.info("building processed store %s", final)
         events, read_report = self.source.read(on_bad_line=self.on_bad_line)
         p = preprocess(events, protocol=self.protocol, seed=self.seed,
-                       unknown_cate_name=getattr(self.source, "unknown_cate_name", None))
+                       unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
+                       target_behaviors=self.target_behaviors, split_times=self._split_times())
         splits = {k: v for k, v in p.splits.items()}
         schema = Schema(
             name=self.name,
             num_users=len(p.ids["user"]),
             num_items=len(p.ids["item"]),
             num_cates=len(p.ids["cate"]),
-            num_behaviors=int(p.events.behavior.max()) + 1,
-            behavior_names=tuple(getattr(self.source, "behavior_names", ("review",))),
+            # every named behaviour gets a row, also one absent from a small sample
+            num_behaviors=max(int(p.events.behavior.max()), len(self.behavior_names)) + 1,
+            behavior_names=self.behavior_names,
             protocol=self.protocol,
             split_sizes={k: len(v) for k, v in splits.items()},
             unknown_cate=p.unknown_cate,
         )
         oracle = self.source.oracle()
-        scores = {k: oracle.score(p.events, p.ids["item"], v) for k, v in splits.items()} if oracle else None
+        kw = {"target_behaviors": self.target_behaviors} if self.target_behaviors is not None else {}
+        scores = {k: oracle.score(p.events, p.ids["item"], v, **kw) for k, v in splits.items()} if oracle else None
         meta = {"fingerprint": self.fingerprint(), "source": self.source.fingerprint(),
                 "reader": read_report, "preprocess": p.report, "seed": self.seed}
         write_store(final, schema=schema, meta=meta, events=p.events, splits=splits, ids=p.ids, oracle=scores)
@@ -161,3 +180,17 @@ class SeqDataModule(L.LightningDataModule):
     def split_arrays(self, split: str) -> tuple[np.ndarray, ...]:
         s = self.store.splits[split]
         return s.user, s.pos, s.target, s.label
+
+
+def target_behavior_ids(names: list[str] | tuple[str, ...] | None, behavior_names: tuple[str, ...]) -> tuple[int, ...] | None:
+    """Behaviour names -> ids 1..K (sorted); None when `names` is None or names every behaviour."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    unknown = [n for n in names if n not in behavior_names]
+    if unknown or not names:
+        raise ValueError(f"data.target_behaviors={names}; expected a non-empty subset of {list(behavior_names)}")
+    ids = tuple(sorted({behavior_names.index(n) + 1 for n in names}))
+    return None if len(ids) == len(behavior_names) else ids
