@@ -18,7 +18,12 @@ from seqrank.evaluation import gap_closed, reference_metrics
 from seqrank.lit.ranking import RankingModule
 from seqrank.utils.ddp import quiet_non_zero_rank
 from seqrank.utils.loggers import finish_loggers, git_info, log_model_summary
-from seqrank.utils.run import instantiate_callbacks, instantiate_loggers, print_config_tree, print_results
+from seqrank.utils.run import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    print_config_tree,
+    print_results,
+)
 from seqrank.utils.sweep import write_job_results
 
 log = logging.getLogger(__name__)

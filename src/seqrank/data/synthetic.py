@@ -41,21 +41,21 @@ _WORDS = "good great fine works cable case phone charger battery screen sound li
 class SyntheticAmazonSpec:
     """Sizes and signal strengths of the synthetic dataset (all fields feed the fingerprint)."""
 
-    num_users: int = 4000
-    num_items: int = 2000
-    num_cates: int = 60
+    num_users: int = 10000
+    num_items: int = 1000
+    num_cates: int = 40
     min_events: int = 5
     mean_events: float = 13.0
     max_events: int = 50
     zipf_item: float = 0.8
     zipf_cate: float = 0.3
-    p_complement_recent: float = 0.75
-    p_complement_stale: float = 0.1
+    p_complement_recent: float = 0.8
+    p_complement_stale: float = 0.0
     recent_days: int = 7
-    p_taste: float = 0.15
-    p_noise: float = 0.02
+    p_taste: float = 0.1
+    p_noise: float = 0.01
     taste_window: int = 20
-    p_recent_gap: float = 0.7
+    p_recent_gap: float = 0.75
     frac_items_without_meta: float = 0.01
     seed: int = 0
 

@@ -1,0 +1,79 @@
+"""RankingModule: loss, regularisation hook, non-finite loss stop, schema checks on load."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from seqrank.data.types import Batch, Schema
+from seqrank.lit.ranking import NonFiniteLossError, RankingModule, SchemaMismatchError
+
+SCHEMA = Schema(name="t", num_users=10, num_items=20, num_cates=5, num_behaviors=2,
+                behavior_names=("review",), protocol="loo")
+
+
+def batch(B: int = 6, L: int = 4) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    return Batch(
+        user=torch.randint(1, 10, (B,), generator=g), hist_item=torch.randint(1, 20, (B, L), generator=g),
+        hist_cate=torch.randint(1, 5, (B, L), generator=g), hist_behavior=torch.ones(B, L, dtype=torch.long),
+        hist_gap=torch.zeros(B, L, dtype=torch.long), hist_mask=torch.ones(B, L, dtype=torch.bool),
+        target_item=torch.randint(1, 20, (B,), generator=g), target_cate=torch.randint(1, 5, (B,), generator=g),
+        label=torch.tensor([1.0, 0.0] * (B // 2)), index=torch.arange(B), pos=torch.arange(B) // 2,
+    )
+
+
+class Const(nn.Module):
+    def __init__(self, value: float, reg: float | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(value))
+        self.reg = reg
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        return self.w.expand(len(b))
+
+    def regularization(self) -> torch.Tensor:
+        return torch.tensor(self.reg if self.reg is not None else 0.0)
+
+
+def module(net: nn.Module) -> RankingModule:
+    return RankingModule(net, optimizer=partial(torch.optim.Adam, lr=1e-3))
+
+
+def test_bce_loss_and_regularization_added() -> None:
+    m = module(Const(0.0, reg=0.25))
+    loss = m.training_step(batch(), 0)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item() + 0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_naming_the_step(value: float) -> None:
+    m = module(Const(value))
+    with pytest.raises(NonFiniteLossError, match=r"global step 0 .*batch 3"):
+        m.training_step(batch(), 3)
+
+
+def test_schema_mismatch_on_load_names_sizes() -> None:
+    m = module(Const(0.0))
+
+    class DM:
+        store = object()
+        schema = SCHEMA
+
+    class T:
+        datamodule = DM()
+
+    m._trainer = T()  # what Lightning attaches during fit/test
+    ok = {"seqrank_schema": SCHEMA.to_dict()}
+    m.on_load_checkpoint(ok)
+    other = dict(SCHEMA.to_dict(), num_items=99, name="other")
+    with pytest.raises(SchemaMismatchError, match=r"num_items: checkpoint 99 vs data 20"):
+        m.on_load_checkpoint({"seqrank_schema": other})
+
+
+def test_hparams_are_plain_for_weights_only_checkpoints() -> None:
+    m = module(Const(0.0))
+    assert "optimizer" not in m.hparams and "scheduler" not in m.hparams
