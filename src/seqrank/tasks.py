@@ -9,11 +9,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.errors import DataError
+from seqrank.data.types import Schema
 from seqrank.evaluation import gap_closed, reference_metrics
 from seqrank.lit.ranking import RankingModule
 from seqrank.utils.ddp import quiet_non_zero_rank
@@ -34,6 +36,15 @@ def build_model(cfg: DictConfig, dm: SeqDataModule) -> RankingModule:
     """The Schema sizes the net: `model.net` is a partial completed with it."""
     net = hydra.utils.instantiate(cfg.model.net)(dm.schema)
     return hydra.utils.instantiate(cfg.model, net=net)
+
+
+def check_model_config(cfg: DictConfig, dm: SeqDataModule) -> None:
+    """Builds the net once on a placeholder Schema, so that a bad hyperparameter (heads not
+    dividing the width, time_buckets < 1, ...) fails before any data work, naming the key."""
+    names = dm.behavior_names
+    placeholder = Schema(name=dm.name, num_users=2, num_items=2, num_cates=2,
+                         num_behaviors=len(names) + 1, behavior_names=names, protocol=dm.protocol)
+    hydra.utils.instantiate(cfg.model.net)(placeholder)
 
 
 def _metric_dict(trainer: L.Trainer) -> dict[str, float]:
@@ -58,7 +69,26 @@ def report(dm: SeqDataModule, metrics: dict[str, float], title: str) -> dict[str
         extras["test/gap_closed"] = closed
         title += f" — model closes {closed:.1%} of the popularity→oracle gap (pairwise_auc)"
     print_results(rows, METRICS, title)
+    log.info("%s", data_summary(dm))
     return extras
+
+
+def data_summary(dm: SeqDataModule) -> str:
+    """One line of what the reader and preprocessing dropped or defaulted, from meta.json."""
+    meta = dm.store.meta
+    reader, prep = meta.get("reader", {}), meta.get("preprocess", {})
+    bad = sum((reader.get("bad_lines") or {}).values())
+    parts = [
+        f"data {dm.name} (protocol {dm.protocol}): {prep.get('events', 0):,} events",
+        f"{prep.get('users', 0):,} users, {prep.get('items', 0):,} items",
+        f"users dropped as too short: {prep.get('users_dropped_too_short', 0):,}",
+        f"bad raw lines skipped: {bad:,}",
+    ]
+    if "items_without_meta" in reader:
+        parts.append(f"items without meta (unknown category): {reader['items_without_meta']:,}")
+    if "rows_out_of_window" in reader:
+        parts.append(f"rows outside the time window: {reader['rows_out_of_window']:,}")
+    return "; ".join(parts)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -67,7 +97,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     started = time.time()
     log.info("preparing data <%s>", cfg.data.name)
-    dm: SeqDataModule = hydra.utils.instantiate(cfg.data)
+    dm: SeqDataModule = hydra.utils.instantiate(cfg.data)  # validates the data config
+    check_model_config(cfg, dm)
     dm.prepare_data()
     dm.setup("fit")
     model = build_model(cfg, dm)
@@ -96,9 +127,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(report(dm, metrics, f"{cfg.model.net._target_.rsplit('.', 1)[-1]} on {cfg.data.name}"))
         if ckpt:
             metrics["best_ckpt"] = ckpt  # type: ignore[assignment]
+        if trainer.is_global_zero and cfg.get("plot_attention", True):
+            save_attention_figure(model, dm, Path(cfg.paths.output_dir) / "attention.png", trainer.loggers)
     metrics["time/train_and_test_s"] = fit_seconds
     log.info("best checkpoint: %s", metrics.get("best_ckpt"))
     return metrics, {"cfg": cfg, "datamodule": dm, "model": model, "trainer": trainer}
+
+
+def save_attention_figure(model: RankingModule, dm: SeqDataModule, path: Path, loggers: list) -> None:
+    """The target's attention over the history for a few test users (PNG; logged as an image
+    by loggers that take images)."""
+    from seqrank.data.batching import BatchGatherDataset
+    from seqrank.viz import plot_target_attention
+
+    test = dm.store.splits["test"]
+    batch = BatchGatherDataset(dm.store.events, test, dm.max_len)[np.arange(min(8, len(test)))]
+    device = next(model.parameters()).device
+    plot_target_attention(model.net, batch.to(device), dm.schema, path)
+    for lg in loggers:
+        if hasattr(lg, "log_image"):
+            lg.log_image(key="test/attention", images=[str(path)])
+    log.info("attention figure: %s", path)
 
 
 def load_run_config(ckpt_path: str | Path) -> DictConfig:
