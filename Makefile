@@ -26,6 +26,9 @@ train: install ## install, then train BST on the embedded synthetic data (the de
 test: install ## install, then run the default test suite (slow tests excluded)
 	$(PY) -m pytest -q $(ARGS)
 
+test-slow: install ## install, then run only the tests marked slow (DDP, Optuna, the default-run bar)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
 test-all: install ## install, then run every test including those marked slow
 	$(PY) -m pytest -q -m "" $(ARGS)
 
@@ -44,4 +47,4 @@ clean: ## remove caches and the venv (keeps data/ and logs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install train test test-all lint format clean-logs clean
+.PHONY: help install train test test-slow test-all lint format clean-logs clean
