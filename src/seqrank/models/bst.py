@@ -40,6 +40,8 @@ class BST(nn.Module):
             (num_behaviors > 2); the target gets an extra "candidate" id.
         mlp_dims: hidden widths of the final MLP (LeakyReLU).
         mlp_dropout: dropout after each MLP hidden layer.
+        init_std: standard deviation of the embedding initialisation (the paper gives none;
+            0.1 learns faster than GPT's 0.02 here — measured on the synthetic data).
 
     Raises:
         ValueError: for a hyperparameter out of range or heads not dividing d_model.
@@ -62,6 +64,7 @@ class BST(nn.Module):
         use_behavior: bool = True,
         mlp_dims: tuple[int, ...] = (1024, 512, 256),
         mlp_dropout: float = 0.0,
+        init_std: float = 0.1,
     ) -> None:
         super().__init__()
         d_model = 2 * embed_dim
@@ -112,12 +115,12 @@ class BST(nn.Module):
         other_dim = embed_dim if use_user else 0
         self.mlp = MLP(pooled_dim + other_dim, tuple(mlp_dims), dropout=mlp_dropout)
 
+        self.init_std = init_std
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
             if module.padding_idx is not None:
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
