@@ -147,11 +147,12 @@ def test_user_embedding_and_attention_weights(schema, make_batch) -> None:
     assert (weights[0][0, :, :, :-1] == 0).all()  # row 0 has an empty history: only the target
 
 
-def test_embeddings_init(schema) -> None:
-    model = _model(schema)
+@pytest.mark.parametrize("init_std", [0.02, 0.1])
+def test_embeddings_init(schema, init_std: float) -> None:
+    model = _model(schema, init_std=init_std)
     for emb in (model.item_emb, model.cate_emb):
         assert (emb.weight[0] == 0).all()
-        assert 0.01 < emb.weight[1:].std().item() < 0.03
+        assert 0.5 * init_std < emb.weight[1:].std().item() < 1.5 * init_std
 
 
 @pytest.mark.parametrize(
