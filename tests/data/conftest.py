@@ -18,7 +18,7 @@ from seqrank.data.batching import gather_numpy
 from seqrank.data.preprocess import MIN_EVENTS, Processed
 from seqrank.data.synthetic import DAY, AmazonOracle, SyntheticAmazonSpec, generate_amazon, simulate
 
-REAL_DIR = Path("/work/shared/data/real/amazon_electronics")
+REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "amazon_electronics"
 REAL_REVIEWS = REAL_DIR / "reviews_Electronics_5.json"
 PEER_CSV = REAL_DIR / "peer_preprocessed" / "amazon_electronics_sample.csv"
 
