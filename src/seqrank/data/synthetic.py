@@ -41,7 +41,7 @@ _WORDS = "good great fine works cable case phone charger battery screen sound li
 class SyntheticAmazonSpec:
     """Sizes and signal strengths of the synthetic dataset (all fields feed the fingerprint)."""
 
-    num_users: int = 11000
+    num_users: int = 12000
     num_items: int = 1000
     num_cates: int = 40
     min_events: int = 5
