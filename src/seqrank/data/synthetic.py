@@ -34,7 +34,7 @@ from seqrank.data.batching import EventArrays, SampleArrays
 
 DAY = 86400
 _ALNUM = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
-_WORDS = "good great fine works cable case phone charger battery screen sound light fast cheap solid".split()
+_WORDS = ["good", "great", "fine", "works", "cable", "case", "phone", "charger", "battery", "screen", "sound", "light", "fast", "cheap", "solid"]
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,10 @@ class AmazonOracle:
     @classmethod
     def build(cls, spec: SyntheticAmazonSpec) -> AmazonOracle:
         rng = np.random.default_rng([spec.seed, 1])
-        I, C = spec.num_items, spec.num_cates
-        item_cate = np.concatenate([np.arange(C), rng.integers(0, C, I - C)])  # every cate used
+        n_items, C = spec.num_items, spec.num_cates
+        item_cate = np.concatenate([np.arange(C), rng.integers(0, C, n_items - C)])  # every cate used
         rng.shuffle(item_cate)
-        item_w = np.zeros(I)
+        item_w = np.zeros(n_items)
         for c in range(C):  # Zipf within each category, random rank order
             members = np.flatnonzero(item_cate == c)
             w = 1.0 / np.arange(1, len(members) + 1) ** spec.zipf_item
@@ -109,7 +109,7 @@ class AmazonOracle:
         for c in range(C):  # two complements per category: phone -> case (0.7), charger (0.3)
             a, b = rng.choice(np.delete(np.arange(C), c), 2, replace=False)
             comp[c, a], comp[c, b] = 0.7, 0.3
-        asins = np.array(["B" + "".join(rng.choice(_ALNUM, 9)) for _ in range(I)])
+        asins = np.array(["B" + "".join(rng.choice(_ALNUM, 9)) for _ in range(n_items)])
         return cls(spec, asins, item_cate, item_w, comp, catpop)
 
     def p_complement(self, gap_days: np.ndarray) -> np.ndarray:
@@ -182,7 +182,7 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
     """Runs the generative process; returns (user, generator item, day) events in time order."""
     s = oracle.spec
     rng = np.random.default_rng([s.seed, 2])
-    I, C = s.num_items, s.num_cates
+    n_items, C = s.num_items, s.num_cates
     members = [np.flatnonzero(oracle.item_cate == c) for c in range(C)]
     cdfs = [np.cumsum(oracle.item_w[m]) for m in members]
     comp_cdf = np.cumsum(oracle.comp, axis=1)
@@ -218,7 +218,7 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
                 c = min(int(np.searchsorted(cat_cdf, rng.random())), C - 1)
                 item = _draw(rng, cdfs[c], members[c], used)
             while item < 0 or item in used:  # noise, or a category the user has exhausted
-                item = int(rng.integers(0, I))
+                item = int(rng.integers(0, n_items))
             used.add(item)
             hist_c.append(int(oracle.item_cate[item]))
             out.append((u, item, day))
