@@ -37,7 +37,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "events": int(len(dm.store
 def generate(rows: int, out: Path) -> tuple[Path, float]:
     from seqrank.data.synthetic_taobao import SyntheticTaobaoSpec, generate_taobao
 
-    spec = SyntheticTaobaoSpec(num_users=max(rows // 100, 10), num_items=4_000_000 if rows > 5e6 else 200_000,
+    # the generator's user lengths average ~90 rows with mean_events=100: size users to reach `rows`
+    spec = SyntheticTaobaoSpec(num_users=max(rows // 88, 10), num_items=4_000_000 if rows > 5e6 else 200_000,
                                num_cates=9000 if rows > 5e6 else 1000, mean_events=100, max_events=1000)
     t = time.perf_counter()
     path = out / f"raw_{rows}"
@@ -57,6 +58,8 @@ def main() -> None:
     for rows in a.rows:
         raw, gen_s = generate(rows, work)
         csv = raw / "UserBehavior.csv"
+        with open(csv, "rb") as fh:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
         out = work / f"processed_{rows}_{time.time_ns()}"
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         proc = subprocess.run([sys.executable, "-c", CHILD, str(raw), str(out)], capture_output=True, text=True)
@@ -64,7 +67,7 @@ def main() -> None:
             raise SystemExit(proc.stderr)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append({"rows": rows, "bytes": csv.stat().st_size, "gen_s": gen_s, "prep_s": res["seconds"],
+        results.append({"rows": lines, "bytes": csv.stat().st_size, "gen_s": gen_s, "prep_s": res["seconds"],
                         "events": res["events"], "peak_mib": max(peak, before) / 1024})
     t = Table(title="Taobao UserBehavior preprocessing (generated files, real path)")
     for c in ("rows", "CSV MiB", "generate s", "preprocess s", "rows/s", "events kept", "peak RSS MiB", "RSS vs first"):
