@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
 from seqrank.metrics import RankingMetrics
+from seqrank.optim import clip_gradients_, has_sparse_grads, sparse_embeddings
 
 STAGES = ("train", "val", "test")
 
@@ -106,6 +107,11 @@ class RankingModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
+        if sparse_embeddings(self.net) and type(optimizer) is torch.optim.Adam:
+            raise ValueError(
+                "the net has sparse embeddings (sparse_embeddings=true) but torch.optim.Adam "
+                "takes only dense gradients; use optimizer._target_=seqrank.optim.Adam"
+            )
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -118,6 +124,21 @@ class RankingModule(L.LightningModule):
                 "frequency": 1,
             },
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, also for sparse embedding gradients (torch's refuses them)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_val is None or not has_sparse_grads(params):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        clip_gradients_(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     def _schema(self) -> Schema | None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

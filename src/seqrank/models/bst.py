@@ -43,6 +43,9 @@ class BST(nn.Module):
         init_std: standard deviation of the item and category embedding initialisation (the
             paper gives none; 0.1 learns faster than 0.02 on the synthetic data; other tables
             start at 0.02).
+        sparse_embeddings: the item, category and user tables produce sparse gradients holding
+            only the rows in the batch (`nn.Embedding(sparse=True)`); train with
+            `seqrank.optim.Adam`, which then updates only those rows (lazy Adam).
 
     Raises:
         ValueError: for a hyperparameter out of range or heads not dividing d_model.
@@ -66,6 +69,7 @@ class BST(nn.Module):
         mlp_dims: tuple[int, ...] = (1024, 512, 256),
         mlp_dropout: float = 0.0,
         init_std: float = 0.1,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
         d_model = 2 * embed_dim
@@ -92,8 +96,10 @@ class BST(nn.Module):
         self.num_behaviors = schema.num_behaviors
 
         # embedding layer (paper section 2.1): item and category, concatenated
-        self.item_emb = nn.Embedding(schema.num_items, embed_dim, padding_idx=0)
-        self.cate_emb = nn.Embedding(schema.num_cates, embed_dim, padding_idx=0)
+        # sparse: the backward pass touches only the looked-up rows, not the 63k x 64 table
+        sparse = sparse_embeddings
+        self.item_emb = nn.Embedding(schema.num_items, embed_dim, padding_idx=0, sparse=sparse)
+        self.cate_emb = nn.Embedding(schema.num_cates, embed_dim, padding_idx=0, sparse=sparse)
         # position: pos(v_i) = t(v_t) - t(v_i), in log2 buckets
         self.time_emb = TimeBucketEmbedding(time_buckets, d_model, time_unit_seconds)
         # one behaviour kind (Amazon) carries no information; the extra row is the candidate
@@ -103,7 +109,9 @@ class BST(nn.Module):
             else None
         )
         self.user_emb = (
-            nn.Embedding(schema.num_users, embed_dim, padding_idx=0) if use_user else None
+            nn.Embedding(schema.num_users, embed_dim, padding_idx=0, sparse=sparse)
+            if use_user
+            else None
         )
 
         # transformer layer (section 2.2): post-norm self-attention + LeakyReLU FFN
@@ -170,9 +178,10 @@ class BST(nn.Module):
             batch.hist_mask,
         )
         item, cate, behavior, gap, mask = (t[:, start:] for t in padded)  # (B, L) each
-        hist = self.embed_items(item, cate)  # (B, L, D)
-        target = self.embed_items(batch.target_item, batch.target_cate)  # (B, D)
-        x = torch.cat([hist, target[:, None]], dim=1)  # (B, L+1, D)
+        # one lookup per table for history and target: one backward pass over each table
+        item = torch.cat([item, batch.target_item[:, None]], dim=1)  # (B, L+1)
+        cate = torch.cat([cate, batch.target_cate[:, None]], dim=1)  # (B, L+1)
+        x = self.embed_items(item, cate)  # (B, L+1, D), the target at position L
         # pos(v_i) = t(v_t) - t(v_i): the paper found this beats sin/cos positions; target: 0
         x = x + self.time_emb(F.pad(gap, (0, 1), value=0))  # (B, L+1, D)
         if self.behavior_emb is not None:

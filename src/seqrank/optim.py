@@ -1,0 +1,202 @@
+"""Adam for models whose large embedding tables produce sparse (row-wise) gradients.
+
+A lookup touches B * (L+1) rows of a table with ~10^5 rows (Electronics: 5k of 63k rows at
+B=256). With a dense gradient every step zero-fills the whole table's gradient, adds the
+lookups into it and runs Adam over every row. With `nn.Embedding(sparse=True)` the gradient
+holds only the touched rows, and `Adam` below updates only those rows ("lazy" Adam, as
+TensorFlow's LazyAdam and `torch.optim.SparseAdam`).
+
+Lazy Adam is not dense Adam. Dense Adam moves an untouched row too: its moments decay
+(m <- beta1 m, v <- beta2 v) and the row keeps moving along m / sqrt(v). Lazy Adam leaves
+untouched rows, moments included, as they are. Both agree exactly on the first update (all
+moments are zero) and whenever every row with non-zero moments is in the batch; rows of rare
+items differ. `torch.optim.SparseAdam` additionally applies eps before the bias correction of
+v; here the touched rows follow `torch.optim.Adam`'s formula exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam as adam_functional
+
+
+class Adam(torch.optim.Adam):
+    """`torch.optim.Adam` that also accepts sparse gradients, updating only their rows.
+
+    Dense gradients go through torch's Adam (fused or foreach as configured); each sparse
+    gradient (from `nn.Embedding(sparse=True)`) gets a row-wise ("lazy") Adam step over the rows
+    it holds, with the same formula, so the first step equals dense Adam's exactly (up to
+    floating-point rounding). The state is `torch.optim.Adam`'s (`step`, `exp_avg`,
+    `exp_avg_sq` per parameter), so checkpoints move between the two.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: (beta1, beta2).
+        eps: added to sqrt(v_hat).
+        weight_decay: L2 penalty added to the gradient; for a sparse gradient, only on its rows.
+        foreach: as in `torch.optim.Adam` (dense parameters).
+        maximize: maximise instead of minimise.
+        fused: as in `torch.optim.Adam` (dense parameters).
+        decoupled_weight_decay: AdamW-style decay (dense parameters; touched rows for sparse).
+
+    Raises:
+        ValueError: for `amsgrad` (not supported) and for what `torch.optim.Adam` rejects.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        # AMP's GradScaler must unscale the gradients itself (our sparse path takes no scale)
+        self._step_supports_amp_scaling = False
+
+    def _state(self, p: Tensor, fused: bool) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            device = p.device if fused else None
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One Adam step: dense gradients over whole tensors, sparse ones over their rows."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["amsgrad"]:
+                raise ValueError("seqrank.optim.Adam: amsgrad is not supported")
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            dense = [p for p in with_grad if not p.grad.is_sparse]
+            if dense:
+                self._dense_step(group, dense)
+            for p in with_grad:
+                if p.grad.is_sparse:
+                    self._rowwise_step(group, p)
+        return loss
+
+    def _dense_step(self, group: dict, params: list[Tensor]) -> None:
+        fused = bool(group["fused"])
+        states = [self._state(p, fused) for p in params]
+        beta1, beta2 = group["betas"]
+        adam_functional(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+    def _rowwise_step(self, group: dict, p: Tensor) -> None:
+        grad = p.grad.coalesce()  # duplicate rows summed, as a dense gradient would have them
+        rows, g = grad.indices()[0], grad.values()  # (R,), (R, D)
+        if group["maximize"]:
+            g = -g
+        state = self._state(p, bool(group["fused"]))
+        state["step"] += 1
+        t = float(state["step"])
+        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        w = p.index_select(0, rows)  # (R, D)
+        if wd != 0:
+            if group["decoupled_weight_decay"]:
+                w.mul_(1 - lr * wd)
+            else:
+                g = g + wd * w
+        # torch.optim.Adam's single-tensor formula, restricted to the touched rows
+        m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)  # (R, D)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
+        denom = (v.sqrt() / bias2_sqrt).add_(eps)  # (R, D)
+        p.index_copy_(0, rows, w.addcdiv_(m, denom, value=-lr / bias1))
+
+
+def has_sparse_grads(params: Iterable[Tensor]) -> bool:
+    """Whether any parameter currently holds a sparse gradient."""
+    return any(p.grad is not None and p.grad.is_sparse for p in params)
+
+
+@torch.no_grad()
+def clip_gradients_(
+    params: Iterable[Tensor], clip_val: float, algorithm: str = "norm"
+) -> Tensor | None:
+    """Clip dense and sparse gradients together (torch's clip functions refuse sparse ones).
+
+    Sparse gradients are coalesced in place first, so that a row looked up twice counts once
+    with its summed gradient, as in the dense gradient.
+
+    Args:
+        params: parameters whose `.grad` to clip.
+        clip_val: max total 2-norm (`norm`) or max absolute value (`value`).
+        algorithm: `norm` or `value`.
+
+    Returns:
+        the total norm before clipping for `norm`, None for `value`.
+
+    Raises:
+        ValueError: for another algorithm.
+    """
+    params = [p for p in params if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+    values = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+    if algorithm == "value":
+        for v in values:
+            v.clamp_(-clip_val, clip_val)
+        return None
+    if algorithm != "norm":
+        raise ValueError(f"gradient_clip_algorithm={algorithm!r} must be 'norm' or 'value'")
+    if not values:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in values]))
+    scale = (clip_val / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ formula
+    for v in values:
+        v.mul_(scale.to(v.dtype))
+    return total
+
+
+def sparse_embeddings(module: nn.Module) -> list[nn.Embedding]:
+    """The `nn.Embedding`s of `module` that produce sparse gradients."""
+    return [m for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse]
