@@ -12,6 +12,7 @@ from seqrank.data.preprocess import (
     PROTOCOLS,
     drop_short_users,
     make_splits,
+    negative_draws,
     preprocess,
     sample_negatives,
     to_event_arrays,
@@ -211,7 +212,8 @@ def test_sample_negatives_excludes_the_whole_history() -> None:
     hist = [list(range(1, 12)), [3, 5], [12]]  # user 1 lacks only item 12
     ev = _arrays(hist, num_items)
     user = np.repeat(np.array([1, 2, 3]), 200)
-    neg = sample_negatives(ev, user, num_items + 1, np.random.default_rng(0))
+    pos = np.tile(np.arange(200), 3)
+    neg = sample_negatives(ev, user, pos, num_items + 1, seed=0, split="train")
     assert neg.dtype == np.int32 and neg.min() >= 1 and neg.max() <= num_items
     assert (neg[user == 1] == 12).all(), "the only item user 1 has not seen"
     assert not np.isin(neg[user == 2], [3, 5]).any() and not (neg[user == 3] == 12).any()
@@ -221,7 +223,37 @@ def test_sample_negatives_excludes_the_whole_history() -> None:
 def test_sample_negatives_gives_up_when_a_user_saw_everything() -> None:
     ev = _arrays([[1, 2, 3]], 3)
     with pytest.raises(RuntimeError, match="every item"):
-        sample_negatives(ev, np.array([1]), 4, np.random.default_rng(0), max_rounds=20)
+        sample_negatives(ev, np.array([1]), np.array([1]), 4, seed=0, split="test", max_rounds=20)
+
+
+def test_negative_draws_are_counter_based_and_uniform() -> None:
+    """A draw is a function of (seed, split, user, pos, round) alone: the same key gives the same
+    item in any batch or order, another seed/split/round another one; items are uniform."""
+    rng = np.random.default_rng(0)
+    user = rng.integers(1, 1000, 20_000)
+    pos = rng.integers(1, 500, 20_000)
+    a = negative_draws(user, pos, 51, seed=3, split=1)
+    assert a.min() >= 1 and a.max() <= 50
+    perm = rng.permutation(len(user))
+    assert np.array_equal(negative_draws(user[perm], pos[perm], 51, seed=3, split=1), a[perm])
+    assert np.array_equal(negative_draws(user[:7], pos[:7], 51, seed=3, split=1), a[:7])
+    for kw in ({"seed": 4, "split": 1}, {"seed": 3, "split": 2}, {"seed": 3, "split": 1, "round": 1}):
+        assert (negative_draws(user, pos, 51, **kw) != a).mean() > 0.9, kw
+    counts = np.bincount(negative_draws(np.arange(50_000), np.ones(50_000, int), 51, seed=0, split=1),
+                         minlength=51)[1:]
+    assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000, "about uniform over 1..50"
+
+
+def test_negatives_do_not_depend_on_the_other_samples(sim_events) -> None:
+    """Each sample's negative is the same when its user is sampled alone (what makes chunked
+    preprocessing equal the in-memory one)."""
+    p = preprocess(sim_events, protocol="loo", seed=5)
+    s = p.splits["train"]
+    num_items = len(p.events.item_cate)
+    for u in (1, 7, int(s.user[-1])):
+        m = s.user[1::2] == u
+        neg = sample_negatives(p.events, s.user[1::2][m], s.pos[1::2][m], num_items, seed=5, split="train")
+        assert np.array_equal(neg, s.target[1::2][m]), u
 
 
 @pytest.mark.parametrize("corruption", ["neg_in_history", "swapped_events", "val_pos", "unpaired"])

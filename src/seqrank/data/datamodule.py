@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,17 @@ from torch.utils.data import DataLoader
 
 from seqrank.data.batching import BatchGatherDataset, IndexBatchSampler
 from seqrank.data.errors import ON_BAD_LINE
-from seqrank.data.preprocess import check_protocol, preprocess
-from seqrank.data.store import Store, ensure_store, fingerprint, load_store, write_store
+from seqrank.data.preprocess import check_protocol, preprocess, preprocess_chunked
+from seqrank.data.store import (
+    Store,
+    StoreWriter,
+    ensure_store,
+    fingerprint,
+    load_arrays,
+    load_store,
+    store_meta,
+    write_store,
+)
 from seqrank.data.types import Schema
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,9 @@ class SeqDataModule(L.LightningDataModule):
         on_bad_line: `error` or `skip` for malformed raw lines.
         target_behaviors: names (from the source's `behavior_names`) a target may have, e.g.
             `[buy]`; None (default) = every behaviour. Histories always hold every behaviour.
+        chunk_rows: sources that can be scanned lazily (`scan(on_bad_line)`, e.g. Taobao) are
+            preprocessed out of core in ranges of about this many events, which bounds memory;
+            None reads them whole. The store does not depend on it (not in the fingerprint).
     """
 
     def __init__(
@@ -53,6 +66,7 @@ class SeqDataModule(L.LightningDataModule):
         seed: int = 0,
         on_bad_line: str = "error",
         target_behaviors: list[str] | tuple[str, ...] | None = None,
+        chunk_rows: int | None = 2_000_000,
     ) -> None:
         super().__init__()
         check_protocol(protocol)
@@ -63,6 +77,8 @@ class SeqDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{key}={value!r}; expected an integer >= 1")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers}; expected >= 0")
+        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ValueError(f"data.chunk_rows={chunk_rows!r}; expected an integer >= 1 or null")
         self.source = source
         self.name = name
         self.processed_dir = Path(processed_dir)
@@ -74,6 +90,7 @@ class SeqDataModule(L.LightningDataModule):
         self.seed = seed
         self.on_bad_line = on_bad_line
         self.target_behaviors = target_behavior_ids(target_behaviors, self.behavior_names)
+        self.chunk_rows = chunk_rows
         self.store: Store | None = None
 
     @property
@@ -92,31 +109,71 @@ class SeqDataModule(L.LightningDataModule):
         get = getattr(self.source, "split_times", None)
         return get() if self.protocol == "time" and get is not None else None
 
+    def _schema(self, ids: dict[str, np.ndarray], max_behavior: int, split_sizes: dict[str, int],
+                unknown_cate: int) -> Schema:
+        return Schema(
+            name=self.name,
+            num_users=len(ids["user"]),
+            num_items=len(ids["item"]),
+            num_cates=len(ids["cate"]),
+            # every named behaviour gets a row, also one absent from a small sample
+            num_behaviors=max(max_behavior, len(self.behavior_names)) + 1,
+            behavior_names=self.behavior_names,
+            protocol=self.protocol,
+            split_sizes=split_sizes,
+            unknown_cate=unknown_cate,
+        )
+
+    def _meta(self, read_report: dict, preprocess_report: dict) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint(), "source": self.source.fingerprint(),
+                "reader": read_report, "preprocess": preprocess_report, "seed": self.seed}
+
+    def _oracle_scores(self, events, item_ids: np.ndarray, splits: dict) -> dict[str, np.ndarray] | None:  # noqa: ANN001
+        oracle = self.source.oracle()
+        if not oracle:
+            return None
+        kw = {"target_behaviors": self.target_behaviors} if self.target_behaviors is not None else {}
+        return {k: oracle.score(events, item_ids, v, **kw) for k, v in splits.items()}
+
     def _build(self, final: Path) -> None:
         log.info("building processed store %s", final)
+        if self.chunk_rows is not None and callable(getattr(self.source, "scan", None)):
+            return self._build_chunked(final)
         events, read_report = self.source.read(on_bad_line=self.on_bad_line)
         p = preprocess(events, protocol=self.protocol, seed=self.seed,
                        unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
                        target_behaviors=self.target_behaviors, split_times=self._split_times())
-        splits = {k: v for k, v in p.splits.items()}
-        schema = Schema(
-            name=self.name,
-            num_users=len(p.ids["user"]),
-            num_items=len(p.ids["item"]),
-            num_cates=len(p.ids["cate"]),
-            # every named behaviour gets a row, also one absent from a small sample
-            num_behaviors=max(int(p.events.behavior.max()), len(self.behavior_names)) + 1,
-            behavior_names=self.behavior_names,
-            protocol=self.protocol,
-            split_sizes={k: len(v) for k, v in splits.items()},
-            unknown_cate=p.unknown_cate,
-        )
-        oracle = self.source.oracle()
-        kw = {"target_behaviors": self.target_behaviors} if self.target_behaviors is not None else {}
-        scores = {k: oracle.score(p.events, p.ids["item"], v, **kw) for k, v in splits.items()} if oracle else None
-        meta = {"fingerprint": self.fingerprint(), "source": self.source.fingerprint(),
-                "reader": read_report, "preprocess": p.report, "seed": self.seed}
-        write_store(final, schema=schema, meta=meta, events=p.events, splits=splits, ids=p.ids, oracle=scores)
+        del events
+        splits = dict(p.splits)
+        schema = self._schema(p.ids, int(p.events.behavior.max()), {k: len(v) for k, v in splits.items()},
+                              p.unknown_cate)
+        scores = self._oracle_scores(p.events, p.ids["item"], splits)
+        write_store(final, schema=schema, meta=self._meta(read_report, p.report), events=p.events,
+                    splits=splits, ids=p.ids, oracle=scores)
+
+    def _build_chunked(self, final: Path) -> None:
+        """Out of core (`preprocess_chunked`): arrays go straight to the store's temp folder."""
+        lazy, read_report = self.source.scan(on_bad_line=self.on_bad_line)
+        with StoreWriter(final) as w:
+            scratch = w.tmp / "_ranges"
+            try:
+                p = preprocess_chunked(lazy, w, scratch, protocol=self.protocol, seed=self.seed,
+                                       chunk_rows=self.chunk_rows,
+                                       unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
+                                       target_behaviors=self.target_behaviors, split_times=self._split_times())
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            log.info("preprocessed %d events in %d range(s) of <= ~%d", p.report["events"], p.chunks, self.chunk_rows)
+            # the reader leaves the counts of its (lazy) table to the pass that reads it
+            read_report = {**read_report, **{k: v for k, v in p.input_counts.items() if read_report.get(k) is None}}
+            w.close_appended()
+            events, splits = load_arrays(w.tmp, list(p.split_sizes))
+            scores = self._oracle_scores(events, p.ids["item"], splits)
+            for split, sc in (scores or {}).items():
+                w.save(f"{split}.oracle", sc)
+            del events, splits
+            schema = self._schema(p.ids, p.max_behavior, p.split_sizes, p.unknown_cate)
+            w.commit(store_meta(self._meta(read_report, p.report), schema, list(p.split_sizes), list(scores or {})))
 
     def store_path(self) -> Path:
         return self.processed_dir / f"{self.name}-{self.fingerprint()[:12]}"
@@ -160,7 +217,9 @@ class SeqDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
         )
-        return DataLoader(
+        if train:
+            self._train_sampler = sampler
+        return (ResumableDataLoader if train else DataLoader)(
             BatchGatherDataset(self.store.events, samples, self.max_len),
             batch_size=None,
             sampler=sampler,
@@ -171,6 +230,14 @@ class SeqDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counts training batches as they are trained on (the loader and Lightning prefetch, so
+        # the sampler's yield count runs ahead): a mid-epoch checkpoint saves this position.
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is not None and self.trainer is not None and self.trainer.training:
+            sampler.consumed += 1
+        return batch
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_split("val"), train=False)
 
@@ -180,6 +247,18 @@ class SeqDataModule(L.LightningDataModule):
     def split_arrays(self, split: str) -> tuple[np.ndarray, ...]:
         s = self.store.splits[split]
         return s.user, s.pos, s.target, s.label
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader: Lightning saves its position (epoch, batches trained on) in every
+    checkpoint and restores it on resume, so a run killed mid-epoch continues with the very
+    batches the uninterrupted run would have seen (through its `IndexBatchSampler`)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def target_behavior_ids(names: list[str] | tuple[str, ...] | None, behavior_names: tuple[str, ...]) -> tuple[int, ...] | None:

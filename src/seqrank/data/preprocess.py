@@ -11,14 +11,18 @@ behaviour); under paper/loo "position n-1, n-2" read "the last, second-last targ
 history of a target is always every earlier event of the user, of any behaviour. Users with too
 few targets for the protocol are dropped and counted.
 Every target position yields its observed item (label 1) and one random negative (label 0),
-drawn from a seeded numpy Generator, vectorised, never from the user's whole history.
+never an item of the user's whole history. A negative is a counter-based hash of (seed, split,
+user, position, round), rejection-sampled against the history: it depends on nothing else, so
+the in-memory path and the out-of-core one (`preprocess_chunked`, for logs larger than RAM,
+users whole inside chunks) give identical stores whatever the chunking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -50,12 +54,16 @@ def check_protocol(protocol: str) -> None:
         raise ValueError(f"data.protocol={protocol!r}; expected one of {list(ALL_PROTOCOLS)}")
 
 
+def _ids_by_index(uniq: pl.Series) -> np.ndarray:
+    """Raw ids as strings by dense id (index 0 = padding, "") from sorted unique raw ids."""
+    return np.concatenate([[""], uniq.cast(pl.String).to_numpy().astype(str)])
+
+
 def _dense_ids(col: pl.Series) -> tuple[np.ndarray, pl.DataFrame]:
     """Sorted unique raw ids -> 1..n (0 stays padding); returns ids-by-index and a join table."""
     uniq = col.unique().sort()
     table = pl.DataFrame({col.name: uniq, "idx": np.arange(1, len(uniq) + 1, dtype=np.int32)})
-    by_index = np.concatenate([[""], uniq.cast(pl.String).to_numpy().astype(str)])
-    return by_index, table
+    return _ids_by_index(uniq), table
 
 
 def to_event_arrays(events: pl.DataFrame, *, unknown_cate_name: str | None = None) -> tuple[EventArrays, dict[str, np.ndarray], int]:
@@ -112,27 +120,78 @@ def seen_keys(events: EventArrays, num_items: int) -> np.ndarray:
     return np.sort(owner * num_items + events.item)
 
 
-def sample_negatives(
-    events: EventArrays, user: np.ndarray, num_items: int, rng: np.random.Generator, max_rounds: int = 1000,
-    *, seen: np.ndarray | None = None,
-) -> np.ndarray:
-    """One uniform negative item per entry of `user`, never an item of that user's history.
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3}  # salts of the negatives per split
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
 
-    Rejection sampling, vectorised: draw for all, redraw only the collisions. `seen` is
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic), in place."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _mix_int(x: int) -> int:
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def negative_draws(user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: int, split: int,
+                   round: int = 0) -> np.ndarray:
+    """Item ids in [1, num_items), a hash of (seed, split, user, pos, round): counter-based, so a
+    draw depends on nothing else (not on which other samples are drawn with it).
+
+    Args:
+        user: (S,) store user ids (< 2**32).
+        pos: (S,) target positions (< 2**32).
+        num_items: item vocabulary size, padding included.
+        seed: the data seed.
+        split: the split's code (`SPLIT_CODES`).
+        round: the rejection round (0 first, then 1, 2, ... for collisions).
+
+    Returns:
+        (S,) int64 items.
+    """
+    salt = _mix_int(_mix_int(_mix_int(seed + _GOLDEN) + split * _GOLDEN) + round * _GOLDEN)
+    key = (np.asarray(user).astype(np.uint64) << np.uint64(32)) | np.asarray(pos).astype(np.uint64)
+    h = _mix(_mix(key ^ np.uint64(salt)) + np.uint64(_mix_int(salt)))  # (S,)
+    # Lemire's multiply-shift: the high 32 bits scaled to [0, num_items - 1)
+    return 1 + ((h >> np.uint64(32)) * np.uint64(num_items - 1) >> np.uint64(32)).astype(np.int64)
+
+
+def sample_negatives(
+    events: EventArrays, user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: int,
+    split: str | int, user_base: int = 0, max_rounds: int = 1000, seen: np.ndarray | None = None,
+) -> np.ndarray:
+    """One uniform negative item per (user, pos), never an item of that user's history.
+
+    Rejection sampling, vectorised: draw for all, redraw only the collisions (next round of the
+    same hash). `user` indexes `events`; the hash sees `user + user_base`, the store's user id
+    (a chunk of the out-of-core path starts at `user_base`). `seen` is
     `seen_keys(events, num_items)` when the caller already has it.
     """
     if seen is None:
         seen = seen_keys(events, num_items)
-    neg = rng.integers(1, num_items, size=len(user), dtype=np.int64)
+    code = SPLIT_CODES[split] if isinstance(split, str) else int(split)
+    user = np.asarray(user, dtype=np.int64)
+    pos = np.asarray(pos, dtype=np.int64)
+    store_user = user + user_base
+    neg = negative_draws(store_user, pos, num_items, seed=seed, split=code)
     todo = np.arange(len(user))
-    for _ in range(max_rounds):
-        keys = user[todo].astype(np.int64) * num_items + neg[todo]
+    for r in range(1, max_rounds + 1):
+        keys = user[todo] * num_items + neg[todo]
         at = np.searchsorted(seen, keys)
         hit = (at < len(seen)) & (seen[np.minimum(at, len(seen) - 1)] == keys)
         todo = todo[hit]
         if len(todo) == 0:
             return neg.astype(np.int32)
-        neg[todo] = rng.integers(1, num_items, size=len(todo), dtype=np.int64)
+        neg[todo] = negative_draws(store_user[todo], pos[todo], num_items, seed=seed, split=code, round=r)
     raise RuntimeError(
         f"could not draw negatives for {len(todo)} samples in {max_rounds} rounds: "
         "some users have interacted with (almost) every item"
@@ -202,23 +261,33 @@ def make_splits(
     Args:
         events: the store's events.
         protocol: `paper`, `loo` or `time`.
-        seed: seed of the negatives (one Generator, drawn train, val, test in that order).
+        seed: seed of the negatives (`negative_draws`).
         target_behaviors: behaviour ids a target may have; None = every behaviour.
         split_times: (val_start, test_start) in seconds for `time`; None = the data's last
             two UTC days.
     """
     check_protocol(protocol)
+    return _splits(events, protocol, seed, int(len(events.item_cate)), target_behaviors=target_behaviors,
+                   split_times=split_times)
+
+
+def _splits(
+    events: EventArrays, protocol: str, seed: int, num_items: int, *,
+    target_behaviors: Sequence[int] | None, split_times: tuple[int, int] | None, user_base: int = 0,
+) -> dict[str, SampleArrays]:
+    """Samples per split of the users in `events`; their store ids are `user_base` + index."""
     owner, pos, masks = split_masks(events, protocol, target_behaviors=target_behaviors, split_times=split_times)
-    num_items = int(len(events.item_cate))
-    rng = np.random.default_rng(seed)
     seen = seen_keys(events, num_items)
     out = {}
     for split in ("train", "val", "test"):
         if split not in masks:
             continue
         user, p = owner[masks[split]], pos[masks[split]]  # sorted by (user, pos)
-        neg = sample_negatives(events, user, num_items, rng, seen=seen)
-        out[split] = pair_samples(user, p, events, neg)
+        neg = sample_negatives(events, user, p, num_items, seed=seed, split=split, user_base=user_base, seen=seen)
+        s = pair_samples(user, p, events, neg)
+        if user_base:
+            s.user += np.int32(user_base)
+        out[split] = s
     return out
 
 
@@ -276,37 +345,249 @@ def preprocess(
             UTC days.
     """
     check_protocol(protocol)
-    if target_behaviors is not None:
-        target_behaviors = tuple(sorted({int(b) for b in target_behaviors}))
-        if not target_behaviors or min(target_behaviors) < 1:
-            raise ValueError(f"target_behaviors={target_behaviors}; expected behaviour ids >= 1")
+    target_behaviors = _target_ids(target_behaviors)
     need = MIN_TARGETS[protocol]
     events, dropped = drop_users_without_targets(events, need, target_behaviors)
     if events.height == 0:
-        what = (f"{need + 1} events" if target_behaviors is None
-                else f"{need} target events (behaviours {list(target_behaviors)}) after the first")
-        raise ValueError(f"no user has the {what} that protocol {protocol!r} needs ({dropped} users dropped)")
+        _nobody(protocol, need, target_behaviors, dropped)
     arrays, ids, unknown = to_event_arrays(events, unknown_cate_name=unknown_cate_name)
     if protocol == "time" and split_times is None:
         split_times = default_split_times(arrays.ts)
     splits = make_splits(arrays, protocol, seed, target_behaviors=target_behaviors, split_times=split_times)
-    empty = [k for k, v in splits.items() if len(v) == 0]
+    _check_nonempty(protocol, {k: len(v) for k, v in splits.items()}, split_times,
+                    (int(arrays.ts.min()), int(arrays.ts.max())), target_behaviors)
+    report = _report(protocol, need, dropped, target_behaviors, split_times, len(arrays.item), ids,
+                     arrays.item_cate, unknown)
+    return Processed(events=arrays, splits=splits, ids=ids, unknown_cate=unknown, report=report)
+
+
+def _target_ids(target_behaviors: Sequence[int] | None) -> tuple[int, ...] | None:
+    if target_behaviors is None:
+        return None
+    ids = tuple(sorted({int(b) for b in target_behaviors}))
+    if not ids or min(ids) < 1:
+        raise ValueError(f"target_behaviors={ids}; expected behaviour ids >= 1")
+    return ids
+
+
+def _nobody(protocol: str, need: int, target_behaviors: tuple[int, ...] | None, dropped: int) -> None:
+    what = (f"{need + 1} events" if target_behaviors is None
+            else f"{need} target events (behaviours {list(target_behaviors)}) after the first")
+    raise ValueError(f"no user has the {what} that protocol {protocol!r} needs ({dropped} users dropped)")
+
+
+def _check_nonempty(protocol: str, sizes: dict[str, int], split_times: tuple[int, int] | None,
+                    ts_range: tuple[int, int], target_behaviors: tuple[int, ...] | None) -> None:
+    empty = [k for k, v in sizes.items() if v == 0]
     if protocol == "time" and empty:  # paper/loo may leave train empty for 2- or 3-event users
         raise ValueError(
             f"protocol {protocol!r}: no samples in split(s) {empty} (split_times={split_times}, "
-            f"events from {int(arrays.ts.min())} to {int(arrays.ts.max())}, target_behaviors={target_behaviors})"
+            f"events from {ts_range[0]} to {ts_range[1]}, target_behaviors={target_behaviors})"
         )
+
+
+def _report(protocol: str, need: int, dropped: int, target_behaviors: tuple[int, ...] | None,
+            split_times: tuple[int, int] | None, events: int, ids: dict[str, np.ndarray],
+            item_cate: np.ndarray, unknown: int) -> dict[str, Any]:
     report = {
-        "users_dropped_too_short": dropped,
+        "users_dropped_too_short": int(dropped),
         "min_events": need + 1,
         "min_targets": need,
         "target_behaviors": list(target_behaviors) if target_behaviors is not None else None,
-        "events": int(len(arrays.item)),
+        "events": int(events),
         "users": int(len(ids["user"]) - 1),
         "items": int(len(ids["item"]) - 1),
         "cates": int(len(ids["cate"]) - 1),
-        "items_unknown_cate": int((arrays.item_cate[1:] == unknown).sum()) if unknown else 0,
+        "items_unknown_cate": int((item_cate[1:] == unknown).sum()) if unknown else 0,
     }
     if protocol == "time":
-        report["split_times"] = list(split_times)
-    return Processed(events=arrays, splits=splits, ids=ids, unknown_cate=unknown, report=report)
+        report["split_times"] = [int(t) for t in split_times]
+    return report
+
+
+# -- out of core ----------------------------------------------------------------------------------
+class ArraySink(Protocol):
+    """Where `preprocess_chunked` writes (a `seqrank.data.store.StoreWriter`)."""
+
+    def append(self, name: str, arr: np.ndarray) -> None: ...
+
+    def save(self, name: str, arr: np.ndarray) -> None: ...
+
+
+@dataclass
+class ChunkedResult:
+    """What `preprocess_chunked` learned; the arrays themselves went to the sink."""
+
+    ids: dict[str, np.ndarray]
+    unknown_cate: int
+    split_sizes: dict[str, int]
+    max_behavior: int
+    chunks: int
+    report: dict[str, Any] = field(default_factory=dict)
+    input_counts: dict[str, int] = field(default_factory=dict)  # of the events given, before drops
+
+
+def _user_table(lf: pl.LazyFrame, need: int, target_behaviors: tuple[int, ...] | None) -> pl.DataFrame:
+    """One row per user, sorted by raw id: `n` events and `keep` (enough targets), streamed.
+
+    A target is an event at position >= 1: with target behaviours, whether a user's first event
+    (smallest (timestamp, row)) is one needs a second, small pass over the users' first instants.
+    """
+    if target_behaviors is None:
+        users = lf.group_by("user_id").agg(pl.len().alias("n")).collect(engine="streaming").sort("user_id")
+        return users.with_columns((pl.col("n") - 1 >= need).alias("keep"))
+    wanted = pl.col("behavior").is_in(list(target_behaviors))
+    users = (
+        lf.group_by("user_id")
+        .agg(pl.len().alias("n"), wanted.sum().alias("targets"), pl.col("timestamp").min().alias("t0"))
+        .collect(engine="streaming")
+        .sort("user_id")
+    )
+    firsts = (
+        lf.join(users.lazy().select("user_id", "t0"), on="user_id")
+        .filter(pl.col("timestamp") == pl.col("t0"))
+        .select("user_id", "_row", "behavior")
+        .collect(engine="streaming")  # about one row per user
+        .sort("user_id", "_row")
+        .group_by("user_id", maintain_order=True)
+        .agg(wanted.first().cast(pl.UInt32).alias("first_is_target"))
+    )
+    users = users.join(firsts, on="user_id", how="left", maintain_order="left")
+    return users.select(
+        "user_id", "n", (pl.col("targets") - pl.col("first_is_target") >= need).alias("keep")
+    )
+
+
+def _chunk_files(scratch: Path, chunk: int) -> list[Path]:
+    return sorted((scratch / f"_chunk={chunk}").glob("*.ipc"))
+
+
+def _search(vocab: pl.Series, values: pl.Series) -> np.ndarray:
+    """Dense ids (1..n) of raw ids present in the sorted unique `vocab`."""
+    return (vocab.search_sorted(values).to_numpy() + 1).astype(np.int32)
+
+
+def preprocess_chunked(
+    events: pl.LazyFrame,
+    sink: ArraySink,
+    scratch: Path,
+    *,
+    protocol: str,
+    seed: int,
+    chunk_rows: int,
+    unknown_cate_name: str | None = None,
+    target_behaviors: Sequence[int] | None = None,
+    split_times: tuple[int, int] | None = None,
+) -> ChunkedResult:
+    """`preprocess` for event logs larger than memory: the same store, built chunk by chunk.
+
+    1. A streaming pass counts each user's events (and targets) and decides who is kept.
+    2. Users, in raw-id order, are cut into contiguous ranges of about `chunk_rows` events (a user
+       is never split), and a streaming pass writes each range's events to `scratch` (IPC).
+    3. The id vocabularies (sorted unique raw ids of the kept events) come from those files.
+    4. Range by range, in order: sort by (user, time, file row), remap ids, split, negatives
+       (chunking-invariant, see `negative_draws`); every array is appended to `sink`.
+    Memory is the per-user and per-item tables plus one range; the output equals `preprocess`'s.
+
+    Args:
+        events: the canonical events table, lazily (file order).
+        sink: receives `events.{item,ts,behavior}`, `user_offsets`, `item_cate`,
+            `{split}.{user,pos,target,label}` and `ids.{user,item,cate}`.
+        scratch: an empty folder for the ranges' files (the caller removes it).
+        chunk_rows: events per range (memory bound; the output does not depend on it).
+        protocol, seed, unknown_cate_name, target_behaviors, split_times: as for `preprocess`.
+    """
+    check_protocol(protocol)
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"data.chunk_rows={chunk_rows!r}; expected an integer >= 1")
+    target_behaviors = _target_ids(target_behaviors)
+    need = MIN_TARGETS[protocol]
+    lf = events.select(EVENT_COLUMNS).with_row_index("_row")
+
+    users = _user_table(lf, need, target_behaviors)  # 1.
+    keep = users["keep"].to_numpy()
+    dropped = int((~keep).sum())
+    if not keep.any():
+        _nobody(protocol, need, target_behaviors, dropped)
+    n = users["n"].to_numpy().astype(np.int64)
+    chunk = (np.cumsum(n) - n) // chunk_rows  # 2.
+    table = users.select("user_id", pl.Series("_chunk", chunk), pl.Series("_keep", keep))
+    lf.join(table.lazy(), on="user_id").sink_ipc(
+        pl.PartitionBy(str(scratch), key="_chunk", include_key=False), mkdir=True, maintain_order=False,
+        engine="streaming",
+    )
+
+    parts = pl.scan_ipc(str(scratch / "**" / "*.ipc"), hive_partitioning=False)  # 3.
+    kept = parts.filter(pl.col("_keep"))
+    vocab_item, vocab_cate, counts, ts = pl.collect_all(
+        [
+            kept.select(pl.col("item_id").unique()),
+            kept.select(pl.col("cate_id").unique()),
+            parts.select(pl.col("item_id").n_unique().alias("items"), pl.col("cate_id").n_unique().alias("cates")),
+            kept.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")),
+        ],
+        engine="streaming",
+    )
+    vocab_user = users.filter(pl.col("keep"))["user_id"]
+    vocab_item, vocab_cate = vocab_item.to_series().sort(), vocab_cate.to_series().sort()
+    ids = {"user": _ids_by_index(vocab_user), "item": _ids_by_index(vocab_item), "cate": _ids_by_index(vocab_cate)}
+    unknown = 0
+    if unknown_cate_name is not None:
+        hit = np.flatnonzero(ids["cate"] == unknown_cate_name)
+        unknown = int(hit[0]) if len(hit) else 0
+    ts_range = (int(ts["lo"].item()), int(ts["hi"].item()))
+    if protocol == "time" and split_times is None:
+        split_times = default_split_times(np.array([ts_range[1]]))
+    num_items = len(ids["item"])
+
+    item_cate = np.zeros(num_items, dtype=np.int32)  # 4.
+    sink.append("user_offsets", np.zeros(2, dtype=np.int64))  # user 0 (padding) has no events
+    sizes: dict[str, int] = {}
+    n_users = n_events = max_behavior = 0
+    chunk_ids = np.unique(chunk[keep])
+    for k in chunk_ids.tolist():
+        files = _chunk_files(scratch, k)
+        df = pl.concat([pl.read_ipc(f) for f in files]) if files else None
+        if df is None or df.height == 0:
+            raise RuntimeError(f"{scratch}: no events for range {k} (polars' partition layout changed?)")
+        df = df.filter(pl.col("_keep")).sort(["user_id", "timestamp", "_row"])
+        per_user = df.group_by("user_id", maintain_order=True).len()["len"].to_numpy()
+        item = _search(vocab_item, df["item_id"])
+        cate = _search(vocab_cate, df["cate_id"])
+        arrays = EventArrays(
+            item=item,
+            ts=df["timestamp"].to_numpy().astype(np.int64),
+            behavior=df["behavior"].to_numpy().astype(np.int8),
+            user_offsets=np.concatenate([[0, 0], np.cumsum(per_user)]).astype(np.int64),
+            item_cate=item_cate,
+        )
+        del df
+        # an item keeps the category of its first event (in store order), as `to_event_arrays`
+        seen_items, first = np.unique(item, return_index=True)
+        new = item_cate[seen_items] == 0
+        item_cate[seen_items[new]] = cate[first[new]]
+        for f in ("item", "ts", "behavior"):
+            sink.append(f"events.{f}", getattr(arrays, f))
+        sink.append("user_offsets", arrays.user_offsets[2:] + n_events)
+        # local user j (1..) is store user n_users + j: ranges are in raw-id order
+        splits = _splits(arrays, protocol, seed, num_items, target_behaviors=target_behaviors,
+                         split_times=split_times, user_base=n_users)
+        for split, s in splits.items():
+            for f in ("user", "pos", "target", "label"):
+                sink.append(f"{split}.{f}", getattr(s, f))
+            sizes[split] = sizes.get(split, 0) + len(s)
+        n_users += len(per_user)
+        n_events += len(item)
+        max_behavior = max(max_behavior, int(arrays.behavior.max()))
+    if n_users != len(vocab_user) or n_events != int(n[keep].sum()):
+        raise RuntimeError(f"{scratch}: read {n_users} users / {n_events} events back, expected "
+                           f"{len(vocab_user)} / {int(n[keep].sum())} (polars' partition layout changed?)")
+    sink.save("item_cate", item_cate)
+    for kind, arr in ids.items():
+        sink.save(f"ids.{kind}", arr)
+    _check_nonempty(protocol, sizes, split_times, ts_range, target_behaviors)
+    report = _report(protocol, need, dropped, target_behaviors, split_times, n_events, ids, item_cate, unknown)
+    input_counts = {"events": int(n.sum()), "users": len(users), "items": int(counts["items"].item()),
+                    "cates": int(counts["cates"].item())}
+    return ChunkedResult(ids=ids, unknown_cate=unknown, split_sizes=sizes, max_behavior=max_behavior,
+                         chunks=len(chunk_ids), report=report, input_counts=input_counts)

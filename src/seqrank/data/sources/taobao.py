@@ -3,8 +3,10 @@
 `UserBehavior.csv` has no header and five integer-or-word columns,
 `user_id,item_id,category_id,behavior_type,timestamp`, behaviour one of `pv|cart|fav|buy`; users
 run in lexicographic order, each user's rows in time order. The full file is 100,150,807 rows
-(3.5 GB), so it is read with polars' lazy `scan_csv` and the streaming engine: memory is the
-kept events, not the text. Rows outside the dataset window (Beijing time, UTC+8, default
+(3.5 GB), so it is read with polars' lazy `scan_csv` and the streaming engine: `read_taobao`
+holds the kept events (not the text) in memory; `scan_taobao` checks the file in one streaming
+pass and returns the events lazily, for the out-of-core preprocessing (memory bounded, not
+growing with the file). Rows outside the dataset window (Beijing time, UTC+8, default
 [2017-11-25 00:00, 2017-12-04 00:00)) are dirty rows of the real file: dropped and counted.
 
 Reading takes two paths. The fast one parses typed columns (behaviour as an Enum) and checks a
@@ -49,16 +51,17 @@ class TaobaoReport:
     """What the reader saw; goes into the store's meta.json.
 
     `rows` counts every data line; `behaviors` counts the valid rows before the window filter;
-    `users`/`items`/`cates` are distinct ids of the kept events.
+    `users`/`items`/`cates` are distinct ids of the kept events (None from `scan_taobao`: the
+    pass that reads the lazy table counts them).
     """
 
     rows: int = 0
     rows_bad: int = 0
     rows_out_of_window: int = 0
     events: int = 0
-    users: int = 0
-    items: int = 0
-    cates: int = 0
+    users: int | None = 0
+    items: int | None = 0
+    cates: int | None = 0
     behaviors: dict[str, int] = field(default_factory=dict)
     window: tuple[int, int] | None = WINDOW
     bad_lines: dict[str, int] = field(default_factory=dict)
@@ -123,8 +126,9 @@ def _canonical(lf: pl.LazyFrame, behavior: pl.Expr) -> pl.LazyFrame:
     )
 
 
-def _fast(path: Path, window: tuple[int, int] | None) -> tuple[pl.DataFrame, dict] | None:
-    """Typed scan; None when any row fails to parse or has a missing field."""
+def _fast(path: Path, window: tuple[int, int] | None) -> tuple[pl.LazyFrame, dict] | None:
+    """Typed scan checked by a one-row summary; None when any row fails to parse or has a
+    missing field. The events come back lazily (a second scan reads them)."""
     lf = pl.scan_csv(path, has_header=False, schema=_FAST_SCHEMA, quote_char=None)
     out = ~_in_window(window)
     try:
@@ -139,12 +143,7 @@ def _fast(path: Path, window: tuple[int, int] | None) -> tuple[pl.DataFrame, dic
     s = summary.row(0, named=True)
     if s["nulls"]:
         return None
-    try:
-        events = _canonical(
-            lf.filter(_in_window(window)), pl.col("behavior_type").to_physical() + 1
-        ).collect(engine="streaming")
-    except pl.exceptions.PolarsError:  # the file changed between the two passes
-        return None
+    events = _canonical(lf.filter(_in_window(window)), pl.col("behavior_type").to_physical() + 1)
     return events, {"rows": s["rows"], "out": s["out"], "behaviors": {b: s[b] for b in BEHAVIORS}}
 
 
@@ -189,8 +188,9 @@ def _reason(row: dict) -> str:
 
 def _precise(
     path: Path, window: tuple[int, int] | None, bad: BadLines
-) -> tuple[pl.DataFrame, dict]:
-    """Line-numbered polars path: reports every bad line, keeps the valid in-window rows."""
+) -> tuple[pl.LazyFrame, dict]:
+    """Line-numbered polars path: reports every bad line, keeps the valid in-window rows
+    (lazily)."""
     parsed = _parsed_lines(path)
     cols = ["lineno", "line", "ncols", *COLUMNS, *[f"{c}_int" for c in INT_COLUMNS]]
     bad_rows = parsed.filter(~pl.col("ok")).select(cols)
@@ -207,10 +207,10 @@ def _precise(
         *[(pl.col("behavior_type") == b).sum().alias(b) for b in BEHAVIORS],
     )
     rows = parsed.select(pl.len().alias("rows"))
-    events_lf = _canonical(
+    events = _canonical(
         good.filter(_in_window(window)), pl.col("behavior_type").to_physical() + 1
     )
-    events, s, n = pl.collect_all([events_lf, summary, rows], engine="streaming")
+    s, n = pl.collect_all([summary, rows], engine="streaming")
     s = s.row(0, named=True)
     return events, {
         "rows": int(n.item()),
@@ -275,6 +275,55 @@ def _python(path: Path, window: tuple[int, int] | None, bad: BadLines) -> tuple[
     return df, {"rows": rows, "out": out, "behaviors": counts}
 
 
+def _open(
+    path: Path, win: tuple[int, int] | None, on_bad_line: str
+) -> tuple[pl.LazyFrame, dict, BadLines, str]:
+    """Checks the file (fast path, else the precise one, else the Python loop), applying the
+    bad-line policy; returns the valid in-window events lazily, the counts, and the path taken."""
+    bad = BadLines(on_bad_line)
+    if not path.exists():
+        raise MissingDataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file; expected CSV lines of {_EXPECTED}")
+    how = "fast"
+    got = _fast(path, win)
+    if got is None:
+        how = "precise"
+        try:
+            got = _precise(path, win, bad)
+        except pl.exceptions.PolarsError:
+            how, bad = "python", BadLines(on_bad_line)
+            df, s = _python(path, win, bad)
+            got = df.lazy(), s
+    events, s = got
+    s["events"] = sum(s["behaviors"].values()) - int(s["out"])  # valid rows in the window
+    if s["events"] == 0:
+        raise DataError(
+            f"{path}: no usable rows ({s['rows']} lines, {bad.total} bad, {s['out']} outside the window {win})"
+        )
+    return events, s, bad, how
+
+
+def _report(s: dict, bad: BadLines, how: str, win: tuple[int, int] | None, events: pl.DataFrame | None) -> TaobaoReport:
+    def distinct(col: str) -> int | None:
+        return int(events[col].n_unique()) if events is not None else None
+
+    return TaobaoReport(
+        rows=s["rows"],
+        rows_bad=bad.total,
+        rows_out_of_window=int(s["out"]),
+        events=events.height if events is not None else s["events"],
+        users=distinct("user_id"),
+        items=distinct("item_id"),
+        cates=distinct("cate_id"),
+        behaviors={b: int(v) for b, v in s["behaviors"].items()},
+        window=win,
+        bad_lines=dict(bad.counts),
+        bad_examples=list(bad.examples),
+        path=how,
+    )
+
+
 def read_taobao(
     path: Path | str,
     *,
@@ -294,41 +343,29 @@ def read_taobao(
         seconds), behavior (int8: 1 pv, 2 cart, 3 fav, 4 buy), in file order; and the report.
     """
     path = Path(path)
-    bad = BadLines(on_bad_line)
     win = resolve_window(window)
-    if not path.exists():
-        raise MissingDataError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file; expected CSV lines of {_EXPECTED}")
-    how = "fast"
-    got = _fast(path, win)
-    if got is None:
-        how = "precise"
-        try:
-            got = _precise(path, win, bad)
-        except pl.exceptions.PolarsError:
-            how, bad = "python", BadLines(on_bad_line)
-            got = _python(path, win, bad)
-    events, s = got
-    if events.height == 0:
-        raise DataError(
-            f"{path}: no usable rows ({s['rows']} lines, {bad.total} bad, {s['out']} outside the window {win})"
-        )
-    report = TaobaoReport(
-        rows=s["rows"],
-        rows_bad=bad.total,
-        rows_out_of_window=int(s["out"]),
-        events=events.height,
-        users=int(events["user_id"].n_unique()),
-        items=int(events["item_id"].n_unique()),
-        cates=int(events["cate_id"].n_unique()),
-        behaviors={b: int(v) for b, v in s["behaviors"].items()},
-        window=win,
-        bad_lines=dict(bad.counts),
-        bad_examples=list(bad.examples),
-        path=how,
-    )
-    return events, report
+    lazy, s, bad, how = _open(path, win, on_bad_line)
+    try:
+        events = lazy.collect(engine="streaming")
+    except pl.exceptions.PolarsError as e:
+        raise DataError(f"{path}: changed while being read ({e})") from None
+    return events, _report(s, bad, how, win, events)
+
+
+def scan_taobao(
+    path: Path | str,
+    *,
+    on_bad_line: str = "error",
+    window: tuple[int | str, int | str] | None = WINDOW,
+) -> tuple[pl.LazyFrame, TaobaoReport]:
+    """`read_taobao` without holding the events: the file is checked now (bad lines raise or
+    are counted, as there) and the same events table comes back as a LazyFrame that re-scans
+    the file, in file order. The report's users/items/cates are None (the caller counts them).
+    """
+    path = Path(path)
+    win = resolve_window(window)
+    lazy, s, bad, how = _open(path, win, on_bad_line)
+    return lazy, _report(s, bad, how, win, None)
 
 
 class TaobaoSource:
@@ -372,6 +409,12 @@ class TaobaoSource:
     def read(self, on_bad_line: str = "error") -> tuple[pl.DataFrame, dict]:
         self.prepare()
         events, report = read_taobao(self.path(), on_bad_line=on_bad_line, window=self.window)
+        return events, report.__dict__
+
+    def scan(self, on_bad_line: str = "error") -> tuple[pl.LazyFrame, dict]:
+        """The events lazily (`scan_taobao`), for the out-of-core preprocessing."""
+        self.prepare()
+        events, report = scan_taobao(self.path(), on_bad_line=on_bad_line, window=self.window)
         return events, report.__dict__
 
     def split_times(self) -> tuple[int, int] | None:
