@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,17 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.errors import DataError
 from seqrank.data.types import Schema
 from seqrank.evaluation import gap_closed, reference_metrics
-from seqrank.lit.ranking import RankingModule
+from seqrank.lit.ranking import NonFiniteLossError, RankingModule
 from seqrank.utils.ddp import quiet_non_zero_rank
 from seqrank.utils.loggers import finish_loggers, git_info, log_model_summary
+from seqrank.utils.resume import ResumeState, checkpoint_step, continue_csv_logs, resume_output_dir
 from seqrank.utils.run import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -38,13 +41,56 @@ def build_model(cfg: DictConfig, dm: SeqDataModule) -> RankingModule:
     return hydra.utils.instantiate(cfg.model, net=net)
 
 
+class ConfigError(ValueError):
+    """A setting, or a pair of settings, that cannot work; raised before any data work, the
+    message names the key(s), the value and what is allowed."""
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Hydra wraps constructor errors in InstantiationException; the user wants the cause."""
+    while isinstance(e, InstantiationException) and e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def instantiate_data(cfg: DictConfig) -> SeqDataModule:
+    """The DataModule; its constructor validates the data config (protocol, sizes, ...)."""
+    try:
+        return hydra.utils.instantiate(cfg.data)
+    except (InstantiationException, ValueError, TypeError) as e:
+        cause = _unwrap(e)
+        if not isinstance(cause, ValueError | TypeError):
+            raise
+        raise ConfigError(f"data config ({cfg.data.get('_target_')}): {cause}") from cause
+
+
 def check_model_config(cfg: DictConfig, dm: SeqDataModule) -> None:
     """Builds the net once on a placeholder Schema, so that a bad hyperparameter (heads not
-    dividing the width, time_buckets < 1, ...) fails before any data work, naming the key."""
+    dividing the width, time_buckets < 1, ...) or a model the data cannot feed fails before
+    any data work, naming the key and what is allowed."""
     names = dm.behavior_names
+    net_cfg = cfg.model.net
+    target = str(net_cfg.get("_target_", "?"))
+    if net_cfg.get("group_by") == "behavior" and len(names) < 2:
+        raise ConfigError(
+            f"model.net.group_by='behavior' ({target}) needs data with several behaviour types; "
+            f"data {dm.name!r} has one ({list(names)}): allowed here: model.net.group_by='item', or "
+            "data with behaviours (data=taobao, data=taobao_synthetic)"
+        )
     placeholder = Schema(name=dm.name, num_users=2, num_items=2, num_cates=2,
                          num_behaviors=len(names) + 1, behavior_names=names, protocol=dm.protocol)
-    hydra.utils.instantiate(cfg.model.net)(placeholder)
+    try:
+        hydra.utils.instantiate(net_cfg)(placeholder)
+    except (InstantiationException, ValueError, TypeError) as e:
+        cause = _unwrap(e)
+        if not isinstance(cause, ValueError | TypeError):
+            raise
+        msg = f"model.net ({target}): {cause}"
+        width = re.search(r"num_heads=\S+ must divide the attention width \S*?=(\d+)", str(cause))
+        if width:
+            w = int(width.group(1))
+            msg += f"; allowed model.net.num_heads for this width: {[h for h in range(1, w + 1) if w % h == 0]}"
+        raise ConfigError(msg) from cause
 
 
 def _metric_dict(trainer: L.Trainer) -> dict[str, float]:
@@ -92,19 +138,36 @@ def data_summary(dm: SeqDataModule) -> str:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Trains, tests at the best validation checkpoint, prints and returns the metrics."""
+    """Trains, tests at the best validation checkpoint, prints and returns the metrics.
+
+    With `ckpt_path` (e.g. `<run>/checkpoints/last.ckpt` of a killed run) training resumes
+    where that checkpoint left off, mid-epoch included, inside `<run>`: its checkpoints and
+    `metrics.csv` continue as one run.
+    """
+    resume = cfg.get("ckpt_path") if cfg.get("train", True) else None
+    if resume:
+        if not Path(resume).is_file():
+            raise ConfigError(f"ckpt_path={str(resume)!r} does not exist; expected a checkpoint file "
+                              "such as logs/train/runs/<run>/checkpoints/last.ckpt")
+        run_dir = resume_output_dir(resume)
+        if run_dir is not None:
+            log.info("resuming the run in %s from %s", run_dir, resume)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(run_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     started = time.time()
     log.info("preparing data <%s>", cfg.data.name)
-    dm: SeqDataModule = hydra.utils.instantiate(cfg.data)  # validates the data config
+    dm = instantiate_data(cfg)  # validates the data config
     check_model_config(cfg, dm)
     dm.prepare_data()
     dm.setup("fit")
     model = build_model(cfg, dm)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), ResumeState()]
     loggers = instantiate_loggers(cfg.get("logger"))
+    if resume:
+        continue_csv_logs(loggers, checkpoint_step(resume))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     hparams = {"cfg": model.run_config, "schema": dm.schema.to_dict(), "store": str(dm.store.path),
                "data_fingerprint": dm.fingerprint(), "num_params": sum(p.numel() for p in model.parameters()),
@@ -180,8 +243,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     """Prints the config tree, runs the task, returns `optimized_metric` for sweepers.
 
-    Data errors (missing or malformed raw files) end the run with their message alone, not a
-    traceback from deep inside a parser. Rank 0 writes `results.json` (metrics, overrides, wall
+    Data errors (missing or malformed raw files), config errors and a non-finite loss end the
+    run with their message alone (exit code 1), not a traceback from deep inside a parser. Rank 0 writes `results.json` (metrics, overrides, wall
     time; read by the multirun summary) into the output dir, also for a failed run.
     """
     quiet_non_zero_rank()
@@ -190,7 +253,7 @@ def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     started = time.time()
     try:
         metrics, objs = task(cfg)
-    except DataError as e:
+    except (DataError, ConfigError, NonFiniteLossError) as e:
         log.error("%s", e)
         write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=str(e))
         raise SystemExit(f"error: {e}") from None
@@ -200,5 +263,6 @@ def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     finish_loggers(objs["trainer"].loggers)
     name = cfg.get("optimized_metric")
     value = float(metrics[name]) if name and name in metrics else None
+    out = Path(cfg.paths.output_dir)  # a resumed run writes into the run it continues
     write_job_results(out, cfg, status="completed", wall_time_s=time.time() - started, metrics=metrics, objective=value)
     return value

@@ -106,6 +106,11 @@ class IndexBatchSampler(torch.utils.data.Sampler):
     batches; every rank gets the same number of batches (the last ones wrap around, as
     DistributedSampler does). Evaluation (`shuffle=False`): rank r gets the r-th contiguous
     shard with no padding, so every sample is evaluated exactly once across ranks.
+
+    Resumable mid-epoch: `state_dict()` holds the epoch and the batches *consumed* in it
+    (`consumed`, counted by the caller as batches are trained on: loaders prefetch, so batches
+    yielded are ahead of them); after `load_state_dict()` the next iteration of that epoch
+    skips those batches and yields exactly the rest of the uninterrupted epoch.
     """
 
     def __init__(
@@ -125,9 +130,29 @@ class IndexBatchSampler(torch.utils.data.Sampler):
         self.seed, self.drop_last = seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.consumed = 0  # batches of the current epoch trained on (the caller counts)
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip once, after a restore
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "consumed": int(self.consumed), "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restores the position: the next `__iter__` of `state["epoch"]` skips the consumed
+        batches; a finished epoch resumes at the start of the next one."""
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if state.get("num_batches", len(self)) != len(self):
+            raise ValueError(
+                f"cannot resume mid-epoch: the checkpoint's epoch had {state['num_batches']} training "
+                f"batches, this run has {len(self)} (data.batch_size, the data or the number of "
+                "processes changed); resume with the settings it was trained with"
+            )
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        self.epoch, self.consumed = epoch, consumed
+        self._skip = (epoch, consumed)
 
     def _indices(self) -> np.ndarray:
         if not self.shuffle:
@@ -141,9 +166,15 @@ class IndexBatchSampler(torch.utils.data.Sampler):
         return perm[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        skip = 0
+        if self._skip is not None:
+            if self._skip[0] == self.epoch:
+                skip = self._skip[1]
+            self._skip = None
+        self.consumed = skip
         idx = self._indices()
         stop = len(idx) - (len(idx) % self.batch_size if self.drop_last else 0)
-        for b in range(0, stop, self.batch_size):
+        for b in range(skip * self.batch_size, stop, self.batch_size):
             yield idx[b : b + self.batch_size]
 
     def __len__(self) -> int:
