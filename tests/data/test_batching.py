@@ -235,3 +235,32 @@ def test_train_shards_have_equal_batch_counts(n: int, bs: int, world_size: int) 
     assert len(set(sizes)) == 1, f"samples per rank differ: {sizes}"
     assert set(seen) == set(range(n)), "every sample is trained on in an epoch"
     assert len(seen) - n < world_size, "at most world_size-1 wrapped repeats"
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 5, 10])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_restored_position_yields_the_rest_of_the_epoch(consumed: int, world_size: int) -> None:
+    """A sampler restored from `state_dict()` (as Lightning does on resume) yields exactly the
+    batches the uninterrupted epoch had left; a finished epoch resumes at the next one."""
+    ref = IndexBatchSampler(103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size)
+    ref.set_epoch(3)
+    full = batches(ref)
+    ref.consumed = consumed  # counted by the DataModule as batches are trained on
+    state = ref.state_dict()
+    assert state == {"epoch": 3, "consumed": consumed, "num_batches": len(full)}
+    new = IndexBatchSampler(103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size)
+    new.load_state_dict(state)  # sets the epoch too: Lightning iterates before set_epoch on resume
+    rest = list(new)
+    if consumed >= len(full):
+        assert new.epoch == 4 and len(rest) == len(full), "a finished epoch goes on with the next"
+    else:
+        assert len(rest) == len(full) - consumed
+        assert all(np.array_equal(a, b) for a, b in zip(rest, full[consumed:], strict=True))
+    new.set_epoch(4)
+    assert len(list(new)) == len(full), "the skip applies once"
+
+
+def test_restoring_a_position_of_another_epoch_length_is_refused() -> None:
+    state = IndexBatchSampler(103, 10, shuffle=True).state_dict()
+    with pytest.raises(ValueError, match=r"11 training batches, this run has 21.*batch_size"):
+        IndexBatchSampler(103, 5, shuffle=True).load_state_dict(state)
