@@ -19,7 +19,7 @@ from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.errors import DataError
 from seqrank.data.types import Schema
 from seqrank.evaluation import gap_closed, reference_metrics
-from seqrank.lit.ranking import NonFiniteLossError, RankingModule
+from seqrank.lit.ranking import NonFiniteLossError, RankingModule, SchemaMismatchError
 from seqrank.utils.ddp import quiet_non_zero_rank
 from seqrank.utils.loggers import finish_loggers, git_info, log_model_summary
 from seqrank.utils.resume import ResumeState, checkpoint_step, continue_csv_logs, resume_output_dir
@@ -243,8 +243,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     """Prints the config tree, runs the task, returns `optimized_metric` for sweepers.
 
-    Data errors (missing or malformed raw files), config errors and a non-finite loss end the
-    run with their message alone (exit code 1), not a traceback from deep inside a parser. Rank 0 writes `results.json` (metrics, overrides, wall
+    Data errors (missing or malformed raw files), config errors, a non-finite loss and a
+    checkpoint of another schema end the run with their message alone (exit code 1), not a traceback from deep inside a parser. Rank 0 writes `results.json` (metrics, overrides, wall
     time; read by the multirun summary) into the output dir, also for a failed run.
     """
     quiet_non_zero_rank()
@@ -253,7 +253,7 @@ def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
     started = time.time()
     try:
         metrics, objs = task(cfg)
-    except (DataError, ConfigError, NonFiniteLossError) as e:
+    except (DataError, ConfigError, NonFiniteLossError, SchemaMismatchError) as e:
         log.error("%s", e)
         write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=str(e))
         raise SystemExit(f"error: {e}") from None
