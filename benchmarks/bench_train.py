@@ -1,15 +1,20 @@
 """Training throughput of BST and ATRank against this machine's FLOP-bound ceiling.
 
 Prints, for each model and setting, samples/s of:
-  e2e        our real path: SeqDataModule (store + vectorised gather) -> Lightning Trainer
+  e2e        our real path: SeqDataModule (store + vectorised gather) -> Lightning Trainer,
+             timed from one batch start to the next (input, step and hooks)
   compute    our model's train step on pre-built batches (no input pipeline)
   reference  a plain-PyTorch BST (nn.TransformerEncoderLayer, dense Adam, pre-built tensors)
   ceiling    training FLOPs per sample (torch's FlopCounterMode) / GEMM rate measured now on
-             the model's own matmul shapes
+             the model's own matmul shapes, forward and both backward GEMMs of every Linear
+             in the layouts autograd uses
 and the ratios e2e/ceiling, e2e/reference and the input pipeline's share of the step.
+`--embeddings dense sparse` runs each model both with dense embedding gradients and with
+row-wise ones (`sparse_embeddings=True`, lazy Adam on the touched rows; BST only).
 Data: a random store with Electronics shapes (63k items, 801 categories, 192k users).
 
-    python benchmarks/bench_train.py --batch 256 1024 --hist 20 50 --models bst atrank
+    python benchmarks/bench_train.py --batch 256 1024 --hist 20 50 --models bst atrank \
+        --embeddings dense sparse
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from seqrank.data.datamodule import SeqDataModule
 from seqrank.lit.ranking import RankingModule
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
+from seqrank.optim import Adam
 
 
 class RandomElectronics:
@@ -63,9 +69,12 @@ class RandomElectronics:
         return None
 
 
-def build_net(name: str, schema, hist: int) -> nn.Module:  # noqa: ANN001
+def build_net(name: str, schema, hist: int, sparse: bool = False) -> nn.Module:  # noqa: ANN001
     if name == "bst":
-        return BST(schema, embed_dim=64, num_heads=8, num_layers=1, dropout=0.2, max_len=hist)
+        return BST(schema, embed_dim=64, num_heads=8, num_layers=1, dropout=0.2, max_len=hist,
+                   sparse_embeddings=sparse)
+    if sparse:
+        raise ValueError("ATRank has no sparse_embeddings option")
     return ATRank(schema, embed_dim=64, num_heads=8, num_layers=1, max_len=hist)
 
 
@@ -97,13 +106,17 @@ def timed(fn, steps: int, warmup: int = 3) -> float:  # noqa: ANN001
 
 
 def gemm_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype) -> float:
-    """FLOP/s of torch.mm over the model's own (m, k, n) shapes, weighted by their FLOPs."""
+    """FLOP/s of the GEMMs that training a Linear of each (m, k, n) shape runs, weighted by FLOPs.
+
+    Per Linear y = x W^T (x: m x k, W: n x k): forward x @ W^T, input gradient dy @ W and weight
+    gradient dy^T @ x, with the transposed views autograd passes to mm.
+    """
     total_flops, total_t = 0.0, 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        t = timed(lambda a=a, b=b: a @ b, steps=10)
-        total_flops += 2 * m * k * n
-        total_t += t
+        x, w, dy = (torch.randn(*s, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
+        for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
+            total_t += timed(lambda a=a, b=b: a @ b, steps=10)
+            total_flops += 2 * m * k * n
     return total_flops / total_t
 
 
@@ -129,7 +142,8 @@ def train_flops(net: nn.Module, batch) -> float:  # noqa: ANN001
     return fc.get_total_flops() / len(batch)
 
 
-def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precision: str) -> dict:
+def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precision: str,
+          sparse: bool = False, compile: bool = False) -> dict:
     schema = dm.schema
     dm.batch_size, dm.max_len = B, hist
     loader = dm.train_dataloader()
@@ -140,8 +154,10 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     flops = train_flops(net, batches[0])
     shapes = matmul_shapes(net, batches[0])
     rate = gemm_rate(shapes, torch.float32)
-    # compute only: our model, fused Adam, pre-built batches
-    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=True)
+    # compute only: our model, fused Adam (row-wise on sparse embeddings), pre-built batches
+    torch.manual_seed(0)
+    net = build_net(model, schema, hist, sparse)
+    opt = Adam(net.parameters(), 1e-3, fused=True)
     k = [0]
 
     def step() -> None:
@@ -155,7 +171,8 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     t_compute = timed(step, steps)
     t_gather = timed(lambda: next(it), steps)
     # end to end through Lightning
-    module = RankingModule(build_net(model, schema, hist), optimizer=lambda params: torch.optim.Adam(params, 1e-3, fused=True))
+    module = RankingModule(build_net(model, schema, hist, sparse), compile=compile,
+                           optimizer=lambda params: Adam(params, 1e-3, fused=True))
     trainer = L.Trainer(max_steps=steps + 3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                         precision=precision, use_distributed_sampler=False, num_sanity_val_steps=0)
@@ -179,24 +196,23 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     t_ref = timed(rstep, steps) if model == "bst" else float("nan")
     del t0
     return {
-        "model": model, "batch": B, "hist": hist, "e2e": B / t_e2e, "compute": B / t_compute,
+        "model": model + (" sparse" if sparse else "") + (" compiled" if compile else ""), "batch": B, "hist": hist, "e2e": B / t_e2e, "compute": B / t_compute,
         "reference": B / t_ref, "ceiling": rate / flops, "gflops": rate / 1e9, "mflop/sample": flops / 1e6,
         "input_share": t_gather / t_e2e,
     }
 
 
 class _StepTimer(L.Callback):
+    """Time from one batch start to the next: fetching the batch, the step and all hooks."""
+
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.times = warmup, []
+        self.warmup, self.starts = warmup, []
 
     def on_train_batch_start(self, *args) -> None:  # noqa: ANN002
-        self.t = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
-        self.times.append(time.perf_counter() - self.t)
+        self.starts.append(time.perf_counter())
 
     def per_step(self) -> float:
-        return float(np.mean(self.times[self.warmup :]))
+        return float(np.mean(np.diff(self.starts[self.warmup :])))
 
 
 def main() -> None:
@@ -207,6 +223,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", default="32")
+    p.add_argument("--embeddings", nargs="+", choices=["dense", "sparse"], default=["dense"],
+                   help="embedding gradients: dense, or sparse rows with lazy Adam (BST only)")
+    p.add_argument("--compile", action="store_true", help="e2e with RankingModule(compile=True)")
     p.add_argument("--work-dir", default="data/bench")
     a = p.parse_args()
     if a.threads:
@@ -214,7 +233,9 @@ def main() -> None:
     dm = SeqDataModule(RandomElectronics(), name="random_electronics", processed_dir=Path(a.work_dir) / "processed")
     dm.prepare_data()
     dm.setup()
-    rows = [bench(m, B, h, dm, a.steps, a.precision) for m in a.models for B in a.batch for h in a.hist]
+    rows = [bench(m, B, h, dm, a.steps, a.precision, e == "sparse", a.compile)
+            for m in a.models for e in a.embeddings for B in a.batch for h in a.hist
+            if m == "bst" or e == "dense"]
     t = Table(title=f"training samples/s — {torch.get_num_threads()} threads, precision {a.precision}")
     for c in ("model", "batch", "hist", "e2e", "compute", "reference", "ceiling", "e2e/ceiling", "e2e/ref", "input share", "GFLOP/s", "MFLOP/sample"):
         t.add_column(c, justify="right")

@@ -181,3 +181,20 @@ def test_finite_float_logits_under_bf16_autocast(taobao_schema, make_batch) -> N
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(batch)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_sparse_embeddings_same_logits_row_gradients(schema, make_batch) -> None:
+    dense = _model(schema, use_user=True, dropout=0.0)
+    sparse = _model(schema, use_user=True, dropout=0.0, sparse_embeddings=True)
+    batch = make_batch(schema, B=6, L=8, seed=10)
+    logits = sparse(batch)
+    torch.testing.assert_close(logits, dense(batch))
+    logits.sum().backward()
+    dense(batch).sum().backward()
+    for name in ("item_emb", "cate_emb", "user_emb"):
+        g, ref = getattr(sparse, name).weight.grad, getattr(dense, name).weight.grad
+        assert g.is_sparse
+        torch.testing.assert_close(g.to_dense(), ref)
+        # rows outside the batch (and the padding row) are not in the gradient at all
+        assert 0 not in g.coalesce().indices()
+    assert not sparse.time_emb.embedding.weight.grad.is_sparse
