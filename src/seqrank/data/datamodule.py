@@ -255,10 +255,12 @@ class ResumableDataLoader(DataLoader):
     batches the uninterrupted run would have seen (through its `IndexBatchSampler`)."""
 
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
+        # Lightning may swap the sampler (trainer.overfit_batches): no position then
+        return self.sampler.state_dict() if isinstance(self.sampler, IndexBatchSampler) else {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
+        if state and isinstance(self.sampler, IndexBatchSampler):
+            self.sampler.load_state_dict(state)
 
 
 def target_behavior_ids(names: list[str] | tuple[str, ...] | None, behavior_names: tuple[str, ...]) -> tuple[int, ...] | None:
