@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from seqrank.data.batching import BatchGatherDataset, IndexBatchSampler
@@ -225,6 +226,9 @@ class SeqDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating an iterator then draws no number from the global one
+            # (dropout's), so a resumed run's draws continue exactly where the checkpoint left them
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -54,8 +54,8 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 class ResumeState(L.Callback):
     """Saves the RNG states with every checkpoint and restores them at the first training batch
-    after a resume (not at load time: creating the loaders' iterators in between draws from
-    the global generator, which the uninterrupted run did before the checkpoint)."""
+    after a resume, the point where the uninterrupted run went on drawing from them (seqrank's
+    loaders have their own generators, so creating their iterators draws nothing in between)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
