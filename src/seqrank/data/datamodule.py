@@ -110,13 +110,13 @@ class SeqDataModule(L.LightningDataModule):
         get = getattr(self.source, "split_times", None)
         return get() if self.protocol == "time" and get is not None else None
 
-    def _schema(self, ids: dict[str, np.ndarray], max_behavior: int, split_sizes: dict[str, int],
+    def _schema(self, vocab_sizes: dict[str, int], max_behavior: int, split_sizes: dict[str, int],
                 unknown_cate: int) -> Schema:
         return Schema(
             name=self.name,
-            num_users=len(ids["user"]),
-            num_items=len(ids["item"]),
-            num_cates=len(ids["cate"]),
+            num_users=vocab_sizes["user"],
+            num_items=vocab_sizes["item"],
+            num_cates=vocab_sizes["cate"],
             # every named behaviour gets a row, also one absent from a small sample
             num_behaviors=max(max_behavior, len(self.behavior_names)) + 1,
             behavior_names=self.behavior_names,
@@ -146,7 +146,7 @@ class SeqDataModule(L.LightningDataModule):
                        target_behaviors=self.target_behaviors, split_times=self._split_times())
         del events
         splits = dict(p.splits)
-        schema = self._schema(p.ids, int(p.events.behavior.max()), {k: len(v) for k, v in splits.items()},
+        schema = self._schema({k: len(v) for k, v in p.ids.items()}, int(p.events.behavior.max()), {k: len(v) for k, v in splits.items()},
                               p.unknown_cate)
         scores = self._oracle_scores(p.events, p.ids["item"], splits)
         write_store(final, schema=schema, meta=self._meta(read_report, p.report), events=p.events,
@@ -169,11 +169,11 @@ class SeqDataModule(L.LightningDataModule):
             read_report = {**read_report, **{k: v for k, v in p.input_counts.items() if read_report.get(k) is None}}
             w.close_appended()
             events, splits = load_arrays(w.tmp, list(p.split_sizes))
-            scores = self._oracle_scores(events, p.ids["item"], splits)
+            scores = self._oracle_scores(events, np.load(w.tmp / "ids.item.npy"), splits)
             for split, sc in (scores or {}).items():
                 w.save(f"{split}.oracle", sc)
             del events, splits
-            schema = self._schema(p.ids, p.max_behavior, p.split_sizes, p.unknown_cate)
+            schema = self._schema(p.vocab_sizes, p.max_behavior, p.split_sizes, p.unknown_cate)
             w.commit(store_meta(self._meta(read_report, p.report), schema, list(p.split_sizes), list(scores or {})))
 
     def store_path(self) -> Path:

@@ -356,8 +356,8 @@ def preprocess(
     splits = make_splits(arrays, protocol, seed, target_behaviors=target_behaviors, split_times=split_times)
     _check_nonempty(protocol, {k: len(v) for k, v in splits.items()}, split_times,
                     (int(arrays.ts.min()), int(arrays.ts.max())), target_behaviors)
-    report = _report(protocol, need, dropped, target_behaviors, split_times, len(arrays.item), ids,
-                     arrays.item_cate, unknown)
+    report = _report(protocol, need, dropped, target_behaviors, split_times, len(arrays.item),
+                     {k: len(v) for k, v in ids.items()}, arrays.item_cate, unknown)
     return Processed(events=arrays, splits=splits, ids=ids, unknown_cate=unknown, report=report)
 
 
@@ -387,7 +387,7 @@ def _check_nonempty(protocol: str, sizes: dict[str, int], split_times: tuple[int
 
 
 def _report(protocol: str, need: int, dropped: int, target_behaviors: tuple[int, ...] | None,
-            split_times: tuple[int, int] | None, events: int, ids: dict[str, np.ndarray],
+            split_times: tuple[int, int] | None, events: int, vocab_sizes: dict[str, int],
             item_cate: np.ndarray, unknown: int) -> dict[str, Any]:
     report = {
         "users_dropped_too_short": int(dropped),
@@ -395,9 +395,9 @@ def _report(protocol: str, need: int, dropped: int, target_behaviors: tuple[int,
         "min_targets": need,
         "target_behaviors": list(target_behaviors) if target_behaviors is not None else None,
         "events": int(events),
-        "users": int(len(ids["user"]) - 1),
-        "items": int(len(ids["item"]) - 1),
-        "cates": int(len(ids["cate"]) - 1),
+        "users": int(vocab_sizes["user"] - 1),
+        "items": int(vocab_sizes["item"] - 1),
+        "cates": int(vocab_sizes["cate"] - 1),
         "items_unknown_cate": int((item_cate[1:] == unknown).sum()) if unknown else 0,
     }
     if protocol == "time":
@@ -416,9 +416,9 @@ class ArraySink(Protocol):
 
 @dataclass
 class ChunkedResult:
-    """What `preprocess_chunked` learned; the arrays themselves went to the sink."""
+    """What `preprocess_chunked` learned; the arrays themselves (ids too) went to the sink."""
 
-    ids: dict[str, np.ndarray]
+    vocab_sizes: dict[str, int]  # user, item, cate: vocabulary sizes, padding included
     unknown_cate: int
     split_sizes: dict[str, int]
     max_behavior: int
@@ -458,13 +458,74 @@ def _user_table(lf: pl.LazyFrame, need: int, target_behaviors: tuple[int, ...] |
     )
 
 
-def _chunk_files(scratch: Path, chunk: int) -> list[Path]:
-    return sorted((scratch / f"_chunk={chunk}").glob("*.ipc"))
+def _read_range(scratch: Path, chunk: int, columns: list[str] | None = None) -> pl.DataFrame:
+    """The events of one user range, as `preprocess_chunked` step 2 wrote them."""
+    files = sorted((scratch / f"_chunk={chunk}").glob("*.ipc"))
+    if not files:
+        raise RuntimeError(f"{scratch}: no events for range {chunk} (polars' partition layout changed?)")
+    return pl.concat([pl.read_ipc(f, columns=columns) for f in files])
 
 
-def _search(vocab: pl.Series, values: pl.Series) -> np.ndarray:
-    """Dense ids (1..n) of raw ids present in the sorted unique `vocab`."""
-    return (vocab.search_sorted(values).to_numpy() + 1).astype(np.int32)
+_LUT_MAX = 1 << 28  # integer raw ids below this are mapped by lookup tables (bytes per id: 1 + 4)
+
+
+class _Vocab:
+    """Sorted unique raw ids of one column -> dense ids 1..n; raw integer ids in [0, _LUT_MAX)
+    map through a lookup table over the id range (Taobao's ids), others by sorted search."""
+
+    def __init__(self, uniq: pl.Series) -> None:
+        self.uniq = uniq
+        self.lut: np.ndarray | None = None
+        if uniq.dtype.is_integer() and len(uniq) and uniq.min() >= 0 and uniq.max() < _LUT_MAX:
+            self.lut = np.zeros(int(uniq.max()) + 1, dtype=np.int32)
+            self.lut[uniq.to_numpy()] = np.arange(1, len(uniq) + 1, dtype=np.int32)
+
+    def __call__(self, values: pl.Series) -> np.ndarray:
+        if self.lut is not None:
+            return self.lut[values.to_numpy()]
+        return (self.uniq.search_sorted(values).to_numpy() + 1).astype(np.int32)
+
+
+def _vocabularies(scratch: Path, chunks: np.ndarray) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
+    """Sorted unique raw item and category ids of the kept events, the distinct counts of all
+    events, and the kept events' (min, max) timestamp: range by range, presence bitmaps over the
+    id range when ids are small non-negative integers, else polars' streaming unique."""
+    cols = ("item_id", "cate_id")
+    seen = {c: np.zeros(0, dtype=np.uint8) for c in cols}  # bit 1: any event, bit 2: a kept one
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for k in chunks.tolist():
+        df = _read_range(scratch, k, [*cols, "timestamp", "_keep"])
+        keep = df["_keep"].to_numpy()
+        for c in cols:
+            s = df[c]
+            if not s.dtype.is_integer() or s.min() < 0 or s.max() >= _LUT_MAX:
+                return _vocabularies_polars(scratch)
+            v = s.to_numpy()
+            if v.max() >= len(seen[c]):
+                seen[c] = np.concatenate([seen[c], np.zeros(int(v.max()) + 1 - len(seen[c]), np.uint8)])
+            seen[c][v] |= 1
+            seen[c][v[keep]] |= 2
+        if keep.any():
+            ts = df["timestamp"].to_numpy()[keep]
+            lo, hi = min(lo, int(ts.min())), max(hi, int(ts.max()))
+    vocab = {c: pl.Series(c, np.flatnonzero(seen[c] & 2)) for c in cols}
+    return vocab, {c: int(np.count_nonzero(seen[c])) for c in cols}, (lo, hi)
+
+
+def _vocabularies_polars(scratch: Path) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
+    parts = pl.scan_ipc(str(scratch / "**" / "*.ipc"), hive_partitioning=False)
+    kept = parts.filter(pl.col("_keep"))
+    item, cate, counts, ts = pl.collect_all(
+        [
+            kept.select(pl.col("item_id").unique()),
+            kept.select(pl.col("cate_id").unique()),
+            parts.select(pl.col("item_id").n_unique(), pl.col("cate_id").n_unique()),
+            kept.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")),
+        ],
+        engine="streaming",
+    )
+    vocab = {"item_id": item.to_series().sort(), "cate_id": cate.to_series().sort()}
+    return vocab, counts.row(0, named=True), (int(ts["lo"].item()), int(ts["hi"].item()))
 
 
 def preprocess_chunked(
@@ -512,48 +573,39 @@ def preprocess_chunked(
     n = users["n"].to_numpy().astype(np.int64)
     chunk = (np.cumsum(n) - n) // chunk_rows  # 2.
     table = users.select("user_id", pl.Series("_chunk", chunk), pl.Series("_keep", keep))
-    lf.join(table.lazy(), on="user_id").sink_ipc(
-        pl.PartitionBy(str(scratch), key="_chunk", include_key=False), mkdir=True, maintain_order=False,
+    # file order kept: a log already grouped by user and time (Taobao's) then sorts in no time
+    lf.join(table.lazy(), on="user_id", maintain_order="left").sink_ipc(
+        pl.PartitionBy(str(scratch), key="_chunk", include_key=False), mkdir=True, maintain_order=True,
         engine="streaming",
     )
 
-    parts = pl.scan_ipc(str(scratch / "**" / "*.ipc"), hive_partitioning=False)  # 3.
-    kept = parts.filter(pl.col("_keep"))
-    vocab_item, vocab_cate, counts, ts = pl.collect_all(
-        [
-            kept.select(pl.col("item_id").unique()),
-            kept.select(pl.col("cate_id").unique()),
-            parts.select(pl.col("item_id").n_unique().alias("items"), pl.col("cate_id").n_unique().alias("cates")),
-            kept.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")),
-        ],
-        engine="streaming",
-    )
+    chunk_ids = np.unique(chunk)
+    vocab, distinct, ts_range = _vocabularies(scratch, chunk_ids)  # 3.
     vocab_user = users.filter(pl.col("keep"))["user_id"]
-    vocab_item, vocab_cate = vocab_item.to_series().sort(), vocab_cate.to_series().sort()
-    ids = {"user": _ids_by_index(vocab_user), "item": _ids_by_index(vocab_item), "cate": _ids_by_index(vocab_cate)}
+    vocab_sizes = {"user": len(vocab_user) + 1, "item": len(vocab["item_id"]) + 1, "cate": len(vocab["cate_id"]) + 1}
     unknown = 0
-    if unknown_cate_name is not None:
-        hit = np.flatnonzero(ids["cate"] == unknown_cate_name)
-        unknown = int(hit[0]) if len(hit) else 0
-    ts_range = (int(ts["lo"].item()), int(ts["hi"].item()))
+    for kind, raw in (("user", vocab_user), ("item", vocab["item_id"]), ("cate", vocab["cate_id"])):
+        by_index = _ids_by_index(raw)  # strings: written now, not held
+        sink.save(f"ids.{kind}", by_index)
+        if kind == "cate" and unknown_cate_name is not None:
+            hit = np.flatnonzero(by_index == unknown_cate_name)
+            unknown = int(hit[0]) if len(hit) else 0
+        del by_index
+    item_of, cate_of = _Vocab(vocab["item_id"]), _Vocab(vocab["cate_id"])
+    del vocab, vocab_user
     if protocol == "time" and split_times is None:
         split_times = default_split_times(np.array([ts_range[1]]))
-    num_items = len(ids["item"])
+    num_items = vocab_sizes["item"]
 
     item_cate = np.zeros(num_items, dtype=np.int32)  # 4.
     sink.append("user_offsets", np.zeros(2, dtype=np.int64))  # user 0 (padding) has no events
     sizes: dict[str, int] = {}
     n_users = n_events = max_behavior = 0
-    chunk_ids = np.unique(chunk[keep])
-    for k in chunk_ids.tolist():
-        files = _chunk_files(scratch, k)
-        df = pl.concat([pl.read_ipc(f) for f in files]) if files else None
-        if df is None or df.height == 0:
-            raise RuntimeError(f"{scratch}: no events for range {k} (polars' partition layout changed?)")
-        df = df.filter(pl.col("_keep")).sort(["user_id", "timestamp", "_row"])
+    n_ranges = 0
+    for k in np.unique(chunk[keep]).tolist():
+        df = _read_range(scratch, k).filter(pl.col("_keep")).sort(["user_id", "timestamp", "_row"])
         per_user = df.group_by("user_id", maintain_order=True).len()["len"].to_numpy()
-        item = _search(vocab_item, df["item_id"])
-        cate = _search(vocab_cate, df["cate_id"])
+        item, cate = item_of(df["item_id"]), cate_of(df["cate_id"])
         arrays = EventArrays(
             item=item,
             ts=df["timestamp"].to_numpy().astype(np.int64),
@@ -563,9 +615,9 @@ def preprocess_chunked(
         )
         del df
         # an item keeps the category of its first event (in store order), as `to_event_arrays`
-        seen_items, first = np.unique(item, return_index=True)
-        new = item_cate[seen_items] == 0
-        item_cate[seen_items[new]] = cate[first[new]]
+        new = np.flatnonzero(item_cate[item] == 0)
+        new_items, first = np.unique(item[new], return_index=True)
+        item_cate[new_items] = cate[new[first]]
         for f in ("item", "ts", "behavior"):
             sink.append(f"events.{f}", getattr(arrays, f))
         sink.append("user_offsets", arrays.user_offsets[2:] + n_events)
@@ -578,16 +630,16 @@ def preprocess_chunked(
             sizes[split] = sizes.get(split, 0) + len(s)
         n_users += len(per_user)
         n_events += len(item)
+        n_ranges += 1
         max_behavior = max(max_behavior, int(arrays.behavior.max()))
-    if n_users != len(vocab_user) or n_events != int(n[keep].sum()):
+    if n_users != vocab_sizes["user"] - 1 or n_events != int(n[keep].sum()):
         raise RuntimeError(f"{scratch}: read {n_users} users / {n_events} events back, expected "
-                           f"{len(vocab_user)} / {int(n[keep].sum())} (polars' partition layout changed?)")
+                           f"{vocab_sizes['user'] - 1} / {int(n[keep].sum())} (polars' partition layout changed?)")
     sink.save("item_cate", item_cate)
-    for kind, arr in ids.items():
-        sink.save(f"ids.{kind}", arr)
     _check_nonempty(protocol, sizes, split_times, ts_range, target_behaviors)
-    report = _report(protocol, need, dropped, target_behaviors, split_times, n_events, ids, item_cate, unknown)
-    input_counts = {"events": int(n.sum()), "users": len(users), "items": int(counts["items"].item()),
-                    "cates": int(counts["cates"].item())}
-    return ChunkedResult(ids=ids, unknown_cate=unknown, split_sizes=sizes, max_behavior=max_behavior,
-                         chunks=len(chunk_ids), report=report, input_counts=input_counts)
+    report = _report(protocol, need, dropped, target_behaviors, split_times, n_events, vocab_sizes, item_cate,
+                     unknown)
+    input_counts = {"events": int(n.sum()), "users": len(users), "items": distinct["item_id"],
+                    "cates": distinct["cate_id"]}
+    return ChunkedResult(vocab_sizes=vocab_sizes, unknown_cate=unknown, split_sizes=sizes, max_behavior=max_behavior,
+                         chunks=n_ranges, report=report, input_counts=input_counts)
