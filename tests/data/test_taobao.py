@@ -449,7 +449,7 @@ def test_oracle_is_a_distribution_over_the_catalogue(tiny_events) -> None:
             probs = oracle.score(p.events, item_raw, ctx, target_behaviors=T)
             assert (probs > 0).all() and probs.sum() == pytest.approx(1.0, abs=1e-9), (k, T)
     sc = oracle.score(p.events, p.ids["item"], p.splits["test"])
-    assert np.mean(sc[0::2] > sc[1::2]) > 0.8, "positives usually outscore their negatives"
+    assert np.mean(sc[0::2] > sc[1::2]) > 0.7, "positives usually outscore their negatives"
     bad = p.ids["item"].copy()
     bad[1] = "999999999"
     with pytest.raises(ValueError, match="not from this generator"):
@@ -458,8 +458,8 @@ def test_oracle_is_a_distribution_over_the_catalogue(tiny_events) -> None:
 
 @pytest.mark.parametrize("targets", [None, (4,)])
 def test_oracle_is_calibrated_on_intent_items(tiny_events, targets) -> None:
-    """Summed over targets with an active intent (a cart/fav in the last 48 h, found here by a
-    plain loop), the oracle's P(target = the intent's item) matches how often it is."""
+    """Summed over targets with an active intent (the last cart/fav, within the intent window and
+    with no buy since, found here by a plain loop), the oracle's P(target = the intent's item) matches how often it is."""
     oracle = TaobaoOracle.build(TINY)
     p = preprocess(tiny_events, protocol="loo", seed=0, target_behaviors=targets)
     ev, off = p.events, p.events.user_offsets
@@ -468,8 +468,11 @@ def test_oracle_is_calibrated_on_intent_items(tiny_events, targets) -> None:
         for u, q in zip(split.user[0::2].tolist(), split.pos[0::2].tolist(), strict=True):
             at = off[u] + q
             for j in range(at - 1, off[u] - 1, -1):
+                if ev.behavior[j] == 4:  # a buy ends the intent
+                    break
                 if ev.behavior[j] in (2, 3):
-                    if ev.ts[at] - ev.ts[j] <= TINY.intent_hours * 3600:
+                    age = ev.ts[at] - ev.ts[j]
+                    if TINY.intent_delay_hours * 3600 <= age <= TINY.intent_hours * 3600:
                         users.append(u), pos.append(q), intent.append(ev.item[j])
                     break
     users, pos, intent = np.array(users), np.array(pos), np.array(intent)

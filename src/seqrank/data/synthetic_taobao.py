@@ -11,7 +11,8 @@ not part of the process below). Deterministic by seed; vectorised across users p
 The generative process, per user, event k (k = 0 .. K-1, K ~ min + geometric, cut at the
 window's end), after a gap (seconds within a session w.p. `p_session`, else hours; gaps never
 depend on items or behaviours, and every gap is >= 1 s so time order is strict):
-    intent    the user's most recent cart/fav event, if at most `intent_hours` before now, is
+    intent    the user's most recent cart/fav event, if between `intent_delay_hours` and
+              `intent_hours` before now and not followed by any buy (a buy ends an intent), is
               an active intent. With an active intent, w.p. `p_follow` the event follows it:
               behaviour buy w.p. `p_follow_buy` else pv; item = the intent's item w.p.
               `p_same_item`, else an item of the intent's category by popularity.
@@ -20,7 +21,13 @@ depend on items or behaviours, and every gap is >= 1 s so time order is strict):
               a category drawn from the user's last `taste_window` events w.p. `p_taste` (k >= 1)
               or from global (Zipf) popularity, then an item by within-category (Zipf)
               popularity. pv is mostly this noisy browsing.
-So a cart or fav predicts a buy or pv of the same item or category within two days.
+So a cart or fav predicts a buy of the same item or category in a later session (by default
+every follow-up is a buy, and almost every buy is a follow-up), while pv is noisy browsing
+spread over many categories. The signal is built to need the behaviour types: a model that
+sees the history without them cannot tell the one carted event among the pvs of the previous
+sessions, and a buy ends the intent, so the category is not revealed by repeated follow-ups.
+Measured on the oracle (10,000 users, `time` protocol, buy targets): pairwise AUC 0.986 with
+intents, 0.904 with every behaviour read as pv.
 
 `TaobaoOracle.score` is exact: for a sample (user, pos, candidate c) it returns
 P(item_pos = c | the user's events before pos, the time of event pos, behaviour of event pos in
@@ -63,20 +70,21 @@ class SyntheticTaobaoSpec:
 
     num_users: int = 2000
     num_items: int = 20000
-    num_cates: int = 200
+    num_cates: int = 50
     min_events: int = 8
     mean_events: float = 60.0
     max_events: int = 400
-    zipf_item: float = 1.0
+    zipf_item: float = 0.5
     zipf_cate: float = 0.8
-    p_cart: float = 0.07
-    p_fav: float = 0.035
-    p_buy: float = 0.006
-    p_follow: float = 0.3
+    p_cart: float = 0.12
+    p_fav: float = 0.06
+    p_buy: float = 0.005
+    p_follow: float = 0.5
     intent_hours: float = 48.0
-    p_follow_buy: float = 0.07
-    p_same_item: float = 0.5
-    p_taste: float = 0.5
+    intent_delay_hours: float = 1.0
+    p_follow_buy: float = 1.0
+    p_same_item: float = 0.2
+    p_taste: float = 0.2
     taste_window: int = 10
     p_noise: float = 0.05
     p_session: float = 0.75
@@ -130,7 +138,7 @@ class SyntheticTaobaoSpec:
             )
         if self.p_follow >= 1:
             raise ValueError(f"data.source.spec.p_follow={self.p_follow}; expected < 1")
-        for name in ("intent_hours", "session_gap_seconds", "zipf_item", "zipf_cate"):
+        for name in ("intent_hours", "intent_delay_hours", "session_gap_seconds", "zipf_item", "zipf_cate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected >= 0")
 
@@ -248,6 +256,7 @@ class TaobaoOracle:
         # index of the most recent cart/fav at or before each event (-1: none yet)
         is_intent = (behavior == CART) | (behavior == FAV)
         last_cf = np.maximum.accumulate(np.where(is_intent, np.arange(len(behavior)), -1))
+        last_buy = np.maximum.accumulate(np.where(behavior == BUY, np.arange(len(behavior)), -1))
         T = np.arange(1, 5) if target_behaviors is None else np.asarray(target_behaviors)
         follow_T = s.follow_behavior[T].sum()
         browse_T = s.browse_behavior[T].sum()
@@ -261,7 +270,12 @@ class TaobaoOracle:
             cand = to_gen[np.asarray(samples.target[sl])]
             cc = self.item_cate[cand]
             j = last_cf[at - 1]
-            active = (j >= start) & (ts[at] - ts[np.maximum(j, 0)] <= s.intent_hours * HOUR)
+            active = (
+                (j >= start)
+                & (ts[at] - ts[np.maximum(j, 0)] <= s.intent_hours * HOUR)
+                & (ts[at] - ts[np.maximum(j, 0)] >= s.intent_delay_hours * HOUR)
+                & (last_buy[at - 1] < j)  # no buy since the cart/fav
+            )
             jj = np.maximum(j, 0)
             F = (
                 s.p_same_item * (cand == ev_gen[jj])
@@ -333,7 +347,8 @@ def simulate(oracle: TaobaoOracle) -> Simulated:
         if n == 0:
             break
         now = t[alive]
-        active = now - intent_t[alive] <= s.intent_hours * HOUR
+        age = now - intent_t[alive]
+        active = (age >= s.intent_delay_hours * HOUR) & (age <= s.intent_hours * HOUR)
         follow = active & (rng.random(n) < s.p_follow)
         r_b, r_item, r_src = rng.random(n), rng.random(n), rng.random(n)
         behavior = np.where(
@@ -361,6 +376,7 @@ def simulate(oracle: TaobaoOracle) -> Simulated:
         starts = (behavior == CART) | (behavior == FAV)
         intent_t[alive[starts]] = now[starts]
         intent_item[alive[starts]] = item[starts]
+        intent_t[alive[behavior == BUY]] = np.iinfo(np.int64).min // 2  # a buy ends the intent
         parts.append(
             (
                 alive.astype(np.int32),
