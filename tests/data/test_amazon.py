@@ -3,6 +3,7 @@ exact raw formats, on bad input under both bad-line policies, and on the real sh
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import re
@@ -22,6 +23,7 @@ from seqrank.data.sources.amazon import (
     AmazonSource,
     amazon_paths,
     check_amazon_files,
+    parse_literal,
     read_amazon,
 )
 
@@ -373,3 +375,29 @@ def test_peer_csv_through_preprocess(peer_csv: Path, split_invariants) -> None:
     assert kept + p.report["users_dropped_too_short"] == 10
     assert len(p.splits["val"]) == 2 * kept and len(p.splits["test"]) == 2 * kept
     assert p.report["events"] == int(np.diff(p.events.user_offsets).sum())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r"""{'asin': 'A1', 'categories': [['E', 'x']], 'price': -1.5e3, 'related': {}}""",
+        r"""{'a': "it's", 'b': '12" x', 'c': "a', 'b"}""",
+        r"""['x\\y', 'q\n\t\r\b\f', 'it\'s \"g\"', "a\\\"b", "\'", '\"']""",
+        r"""['\x41', '\u00e9', 'a\/b', '\d', '\a\v\0', u'x', b'x']""",  # escapes JSON lacks: ast
+        r"""{'t': 'true', 1: 'x', 'a': (1, 2), 'b': True, 'c': None}""",
+        r"""{'a': 'x', 'a': 'y', 'b': [1e400, -0.0, 10000000000000000000000], 'c': 'x' 'y'}""",
+        "['tab\there']",
+    ],
+)
+def test_parse_literal_is_literal_eval(text: str) -> None:
+    """The JSON fast path of the meta parser returns exactly what `ast.literal_eval` does."""
+    want = ast.literal_eval(text)
+    assert parse_literal(text) == want and repr(parse_literal(text)) == repr(want)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a": true}', '{"a": NaN}', "[null]", "[-Infinity]", "{'a': __import__('os')}", "{'a': 'x'"]
+)
+def test_parse_literal_refuses_what_literal_eval_refuses(text: str) -> None:
+    with pytest.raises((ValueError, SyntaxError)):
+        parse_literal(text)

@@ -24,6 +24,12 @@ UNKNOWN_CATE = "<unknown>"
 REVIEW_BEHAVIOR = 1
 REQUIRED_REVIEW_KEYS = ("reviewerID", "asin", "unixReviewTime")
 _ASIN_RE = re.compile(rb"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+# Python string tokens (no prefix): '...' (group 1) or "..." (group 2), escapes included
+_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
+_ESCAPE = re.compile(r'\\(.)|"')
+_JSON_WORD = re.compile(r"\b(?:true|false|null)\b")
+# Python escape -> JSON escape, where both mean the same character
+_SAME_ESCAPES = {"\\": "\\\\", "'": "'", '"': '\\"', "n": "\\n", "t": "\\t", "r": "\\r", "b": "\\b", "f": "\\f"}
 
 # Public 2014 file names per category; the data configs refer to the short CLI word.
 CATEGORIES = {
@@ -131,11 +137,62 @@ def read_reviews(path: Path, bad: BadLines) -> pl.DataFrame:
     return df if df is not None else _reviews_strict(path, data, bad)
 
 
+class _NotJson(Exception):
+    pass
+
+
+def _json_escape(m: re.Match) -> str:
+    if m.group(1) is None:  # a bare double quote inside a single-quoted string
+        return '\\"'
+    out = _SAME_ESCAPES.get(m.group(1))
+    if out is None:  # \x, \u, \N{}, octal, unknown escapes: left to ast
+        raise _NotJson
+    return out
+
+
+def _json_string(m: re.Match) -> str:
+    inner = m.group(1)
+    if inner is None:  # "...": already JSON unless it has escapes
+        inner = m.group(2)
+        if "\\" not in inner:
+            return m.group(0)
+    elif "\\" not in inner and '"' not in inner:
+        return f'"{inner}"'
+    return '"' + _ESCAPE.sub(_json_escape, inner) + '"'
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a Python literal")
+
+
+def parse_literal(text: str) -> object:
+    """`ast.literal_eval(text)`, several times faster for the usual meta line.
+
+    A left-to-right scan finds every Python string token ('...' or "...", escapes included),
+    rewritten as a JSON string of the same value (only escapes meaning the same in both; others
+    leave the line to ast). Then the line is JSON exactly when it is a Python literal of dicts,
+    lists, strings and numbers, with the same value: JSON's grammar is a subset of Python's
+    literals, and JSON's own words (true/false/null/NaN/Infinity), which Python lacks, are
+    refused. Anything else (True/None, tuples, prefixed strings, code) goes to
+    `ast.literal_eval`, which also phrases the errors.
+    """
+    try:
+        if '"' not in text and "\\" not in text:  # every quote delimits a string
+            js = text.replace("'", '"')
+        else:
+            js = _STRING.sub(_json_string, text)
+        if not ("true" in js or "false" in js or "null" in js) or not _JSON_WORD.search(_STRING.sub("", text)):
+            return json.loads(js, parse_constant=_no_constant)
+    except (_NotJson, ValueError):
+        pass
+    return ast.literal_eval(text)
+
+
 def read_meta_categories(path: Path, wanted: set[str], bad: BadLines) -> tuple[dict[str, str], int]:
     """asin -> category (last entry of the last category path) for the `wanted` items.
 
-    Only lines whose asin is wanted are parsed (`ast.literal_eval`): the full meta file lists
-    every item of the category, most of which are not in the 5-core reviews.
+    Only lines whose asin is wanted are parsed (`parse_literal`, i.e. `ast.literal_eval`): the
+    full meta file lists every item of the category, most of which are not in the 5-core reviews.
     """
     data = read_bytes(path, bad)
     if not data.strip():
@@ -152,7 +209,7 @@ def read_meta_categories(path: Path, wanted: set[str], bad: BadLines) -> tuple[d
         if not text.strip():
             continue
         try:
-            rec = ast.literal_eval(text)
+            rec = parse_literal(text)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
             bad.bad(path, lineno, f"not a Python literal ({type(e).__name__}: {e})")
             continue
