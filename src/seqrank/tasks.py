@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -90,6 +91,9 @@ def check_model_config(cfg: DictConfig, dm: SeqDataModule) -> None:
         if width:
             w = int(width.group(1))
             msg += f"; allowed model.net.num_heads for this width: {[h for h in range(1, w + 1) if w % h == 0]}"
+        if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
+            params = inspect.signature(hydra.utils.get_class(target)).parameters.values()
+            msg += f"; allowed model.net keys: {[p.name for p in params if p.kind is p.KEYWORD_ONLY]}"
         raise ConfigError(msg) from cause
 
 

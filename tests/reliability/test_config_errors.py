@@ -33,7 +33,7 @@ CASES = {  # case -> (overrides, patterns the message must contain)
         ["model.net.group_by='behavior'", "several behaviour types", "['review']", "allowed here: model.net.group_by='item'"],
     ),
     "target_behaviours_absent_from_data": (["+data.target_behaviors=[buy]"], ["data.target_behaviors=['buy']", "['review']"]),
-    "misspelt_model_key": (["+model.net.num_head=2"], ["model.net", "num_head"]),
+    "misspelt_model_key": (["+model.net.num_head=2"], ["model.net", "'num_head'", "allowed model.net keys: [", "'num_heads'"]),
     "missing_resume_checkpoint": (["ckpt_path=nowhere/last.ckpt"], ["ckpt_path='nowhere/last.ckpt' does not exist"]),
 }
 
