@@ -591,3 +591,30 @@ def test_chunked_path_keeps_the_bad_line_policy(tmp_path: Path, tiny_csv: Path) 
     assert all(np.array_equal(a[k], b[k]) for k in a) and list(a) == list(b)
     assert stores[100].meta["reader"] == stores[None].meta["reader"]
     assert stores[100].meta["reader"]["rows_bad"] == 2 and stores[100].meta["reader"]["path"] == "precise"
+
+
+class _ScannedSynthetic(SyntheticTaobaoSource):
+    """The synthetic source with a lazy `scan`: its oracle then runs on the chunked store."""
+
+    def scan(self, on_bad_line: str = "error") -> tuple:
+        self.prepare()
+        events, report = taobao.scan_taobao(self.path(), on_bad_line=on_bad_line, window=WINDOW)
+        return events, report.__dict__
+
+
+def test_chunked_store_keeps_the_oracle(tmp_path: Path) -> None:
+    spec = dataclasses.asdict(TINY) | {"num_users": 40}
+    src = _ScannedSynthetic(raw_dir=tmp_path / "raw", spec=spec)
+    stores = build_stores(src, tmp_path, (None, 30), protocol="time", target_behaviors=["buy", "cart"])
+    a, b = (store_arrays(s.path) for s in stores.values())
+    assert {"train.oracle.npy", "val.oracle.npy", "test.oracle.npy"} <= set(a) and list(a) == list(b)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_chunk_rows_is_validated_and_not_in_the_fingerprint(tmp_path: Path, tiny_csv: Path) -> None:
+    src = TaobaoSource(raw_dir=tiny_csv.parent)
+    fps = {SeqDataModule(src, name="t", processed_dir=tmp_path, chunk_rows=r).fingerprint() for r in (None, 1, 10**6)}
+    assert len(fps) == 1, "the store does not depend on chunk_rows"
+    for bad in (0, -5, 2.5, "many"):
+        with pytest.raises(ValueError, match=r"data\.chunk_rows"):
+            SeqDataModule(src, name="t", processed_dir=tmp_path, chunk_rows=bad)
