@@ -146,8 +146,8 @@ class SeqDataModule(L.LightningDataModule):
                        target_behaviors=self.target_behaviors, split_times=self._split_times())
         del events
         splits = dict(p.splits)
-        schema = self._schema({k: len(v) for k, v in p.ids.items()}, int(p.events.behavior.max()), {k: len(v) for k, v in splits.items()},
-                              p.unknown_cate)
+        schema = self._schema({k: len(v) for k, v in p.ids.items()}, int(p.events.behavior.max()),
+                              {k: len(v) for k, v in splits.items()}, p.unknown_cate)
         scores = self._oracle_scores(p.events, p.ids["item"], splits)
         write_store(final, schema=schema, meta=self._meta(read_report, p.report), events=p.events,
                     splits=splits, ids=p.ids, oracle=scores)

@@ -466,17 +466,19 @@ def _read_range(scratch: Path, chunk: int, columns: list[str] | None = None) -> 
     return pl.concat([pl.read_ipc(f, columns=columns) for f in files])
 
 
-_LUT_MAX = 1 << 28  # integer raw ids below this are mapped by lookup tables (bytes per id: 1 + 4)
+_LUT_MAX = 1 << 26  # integer raw ids below this are mapped by lookup tables (bytes per id: 1 + 4)
 
 
 class _Vocab:
-    """Sorted unique raw ids of one column -> dense ids 1..n; raw integer ids in [0, _LUT_MAX)
-    map through a lookup table over the id range (Taobao's ids), others by sorted search."""
+    """Sorted unique raw ids of one column -> dense ids 1..n; raw integer ids in [0, _LUT_MAX),
+    not too sparse, map through a lookup table over the id range (Taobao's ids), others by
+    sorted search."""
 
     def __init__(self, uniq: pl.Series) -> None:
         self.uniq = uniq
         self.lut: np.ndarray | None = None
-        if uniq.dtype.is_integer() and len(uniq) and uniq.min() >= 0 and uniq.max() < _LUT_MAX:
+        small = uniq.dtype.is_integer() and len(uniq) and uniq.min() >= 0
+        if small and uniq.max() < min(_LUT_MAX, 8 * len(uniq) + (1 << 20)):
             self.lut = np.zeros(int(uniq.max()) + 1, dtype=np.int32)
             self.lut[uniq.to_numpy()] = np.arange(1, len(uniq) + 1, dtype=np.int32)
 
