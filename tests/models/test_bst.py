@@ -198,3 +198,20 @@ def test_sparse_embeddings_same_logits_row_gradients(schema, make_batch) -> None
         # rows outside the batch (and the padding row) are not in the gradient at all
         assert 0 not in g.coalesce().indices()
     assert not sparse.time_emb.embedding.weight.grad.is_sparse
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compiles_and_matches_eager(schema, make_batch, sparse: bool) -> None:
+    """RankingModule(compile=True) path: inductor on CPU, forward and backward as eager."""
+    eager = _model(schema, dropout=0.0, sparse_embeddings=sparse)
+    model = _model(schema, dropout=0.0, sparse_embeddings=sparse)
+    compiled = torch.compile(model)
+    batch = make_batch(schema, B=8, L=10, seed=11)
+    out = compiled(batch)
+    torch.testing.assert_close(out, eager(batch), rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    eager(batch).sum().backward()
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+        ga, gb = (p.grad.to_dense() if p.grad.is_sparse else p.grad for p in (a, b))
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)

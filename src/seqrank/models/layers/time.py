@@ -11,6 +11,9 @@ import torch
 from torch import Tensor, nn
 
 
+# eager under torch.compile: inductor (torch 2.13, CPU) emits C++ that does not compile for
+# the vectorised int32 -> int64 conversion of frexp's exponent; the op is tiny
+@torch.compiler.disable
 def log2_time_bucket(
     gap_seconds: Tensor, num_buckets: int, unit_seconds: float = 86400.0
 ) -> Tensor:
