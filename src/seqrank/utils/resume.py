@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,11 @@ def checkpoint_step(ckpt_path: str | Path) -> int:
     return int(ckpt["global_step"])
 
 
+@rank_zero_only
 def continue_csv_logs(loggers: list, step: int) -> None:
     """Keeps each CSVLogger's rows logged before `step` (the checkpoint's global step; later ones
-    belong to work lost in the kill and are logged again) and appends from there."""
+    belong to work lost in the kill and are logged again) and appends from there (rank 0 only,
+    the rank that writes the logs)."""
     for lg in loggers:
         if not isinstance(lg, CSVLogger):
             continue
