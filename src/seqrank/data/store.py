@@ -30,7 +30,7 @@ from filelock import FileLock
 from seqrank.data.batching import EventArrays, SampleArrays
 from seqrank.data.types import Schema
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: counter-based negatives (stores of 1 had Generator-drawn ones)
 SPLITS = ("train", "val", "test")
 EVENT_FIELDS = ("item", "ts", "behavior")
 SAMPLE_FIELDS = ("user", "pos", "target", "label")
