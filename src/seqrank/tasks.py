@@ -208,7 +208,14 @@ def save_attention_figure(model: RankingModule, dm: SeqDataModule, path: Path, l
     from seqrank.viz import plot_target_attention
 
     test = dm.store.splits["test"]
-    batch = BatchGatherDataset(dm.store.events, test, dm.max_len)[np.arange(min(8, len(test)))]
+    # one positive per user for up to 200 users; show the 4 whose histories mix the most behaviours
+    pos = np.flatnonzero(np.asarray(test.label[: 20_000]) == 1)
+    _, first = np.unique(np.asarray(test.user)[pos], return_index=True)
+    candidates = pos[np.sort(first)][:200] if len(pos) else np.arange(min(4, len(test)))
+    data = BatchGatherDataset(dm.store.events, test, dm.max_len)
+    beh = data[candidates].hist_behavior.numpy()
+    kinds = np.array([len(np.unique(row[row > 0])) for row in beh])
+    batch = data[candidates[np.argsort(-kinds, kind="stable")[:4]]]
     device = next(model.parameters()).device
     plot_target_attention(model.net, batch.to(device), dm.schema, path)
     for lg in loggers:
