@@ -16,7 +16,6 @@ v; here the touched rows follow `torch.optim.Adam`'s formula exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,9 +27,9 @@ class Adam(torch.optim.Adam):
     """`torch.optim.Adam` that also accepts sparse gradients, updating only their rows.
 
     Dense gradients go through torch's Adam (fused or foreach as configured); each sparse
-    gradient (from `nn.Embedding(sparse=True)`) gets a row-wise ("lazy") Adam step over the rows
-    it holds, with the same formula, so the first step equals dense Adam's exactly (up to
-    floating-point rounding). The state is `torch.optim.Adam`'s (`step`, `exp_avg`,
+    gradient (from `nn.Embedding(sparse=True)`) gets a row-wise ("lazy") Adam step: its rows of
+    the parameter and of the moments are gathered, updated by the same torch Adam kernel and
+    scattered back, so the first step equals dense Adam's exactly. The state is `torch.optim.Adam`'s (`step`, `exp_avg`,
     `exp_avg_sq` per parameter), so checkpoints move between the two.
 
     Args:
@@ -38,7 +37,7 @@ class Adam(torch.optim.Adam):
         lr: learning rate.
         betas: (beta1, beta2).
         eps: added to sqrt(v_hat).
-        weight_decay: L2 penalty added to the gradient; for a sparse gradient, only on its rows.
+        weight_decay: L2 penalty added to the gradient; for a sparse gradient, only its rows.
         foreach: as in `torch.optim.Adam` (dense parameters).
         maximize: maximise instead of minimise.
         fused: as in `torch.optim.Adam` (dense parameters).
@@ -96,24 +95,42 @@ class Adam(torch.optim.Adam):
                 raise ValueError("seqrank.optim.Adam: amsgrad is not supported")
             with_grad = [p for p in group["params"] if p.grad is not None]
             dense = [p for p in with_grad if not p.grad.is_sparse]
+            sparse = [p for p in with_grad if p.grad.is_sparse]
             if dense:
                 self._dense_step(group, dense)
-            for p in with_grad:
-                if p.grad.is_sparse:
-                    self._rowwise_step(group, p)
+            if sparse:
+                self._rowwise_step(group, sparse)
         return loss
 
     def _dense_step(self, group: dict, params: list[Tensor]) -> None:
         fused = bool(group["fused"])
         states = [self._state(p, fused) for p in params]
-        beta1, beta2 = group["betas"]
-        adam_functional(
+        self._dense_step_on(
+            group,
             params,
             [p.grad for p in params],
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
-            [],
             [s["step"] for s in states],
+        )
+
+    @staticmethod
+    def _dense_step_on(
+        group: dict,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        adam_functional(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
             foreach=group["foreach"],
             fused=group["fused"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
@@ -126,30 +143,27 @@ class Adam(torch.optim.Adam):
             maximize=group["maximize"],
         )
 
-    def _rowwise_step(self, group: dict, p: Tensor) -> None:
-        grad = p.grad.coalesce()  # duplicate rows summed, as a dense gradient would have them
-        rows, g = grad.indices()[0], grad.values()  # (R,), (R, D)
-        if group["maximize"]:
-            g = -g
-        state = self._state(p, bool(group["fused"]))
-        state["step"] += 1
-        t = float(state["step"])
-        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-        w = p.index_select(0, rows)  # (R, D)
-        if wd != 0:
-            if group["decoupled_weight_decay"]:
-                w.mul_(1 - lr * wd)
-            else:
-                g = g + wd * w
-        # torch.optim.Adam's single-tensor formula, restricted to the touched rows
-        m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)  # (R, D)
-        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
-        bias1, bias2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
-        denom = (v.sqrt() / bias2_sqrt).add_(eps)  # (R, D)
-        p.index_copy_(0, rows, w.addcdiv_(m, denom, value=-lr / bias1))
+    def _rowwise_step(self, group: dict, params: list[Tensor]) -> None:
+        fused = bool(group["fused"])
+        rows, gathered = [], []
+        for p in params:
+            grad = p.grad.coalesce()  # duplicate rows summed, as in a dense gradient
+            state = self._state(p, fused)
+            r = grad.indices()[0]  # (R,)
+            # the touched rows of the parameter and of its moments: (R, D) each
+            gathered.append(
+                [t.index_select(0, r) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+                + [grad.values(), state["step"]]
+            )
+            rows.append(r)
+        # torch's (fused) Adam kernel on the gathered rows, then scatter them back
+        w, m, v, g, steps = (list(c) for c in zip(*gathered, strict=True))
+        self._dense_step_on(group, w, g, m, v, steps)
+        for p, r, wr, mr, vr in zip(params, rows, w, m, v, strict=True):
+            state = self.state[p]
+            p.index_copy_(0, r, wr)
+            state["exp_avg"].index_copy_(0, r, mr)
+            state["exp_avg_sq"].index_copy_(0, r, vr)
 
 
 def has_sparse_grads(params: Iterable[Tensor]) -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from seqrank.models.layers import (
     MLP,
+    Dropout,
     MultiHeadSelfAttention,
     TimeBucketEmbedding,
     TransformerBlock,
@@ -178,3 +179,16 @@ def test_mlp_shapes_and_validation() -> None:
     assert isinstance(mlp.net[1], torch.nn.LeakyReLU)
     with pytest.raises(ValueError, match="activation='swish'"):
         MLP(10, (4,), activation="swish")
+
+
+def test_dropout_keeps_1_minus_p_scaled_and_is_identity_in_eval() -> None:
+    torch.manual_seed(0)
+    drop = Dropout(0.2)
+    x = torch.ones(200, 500)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1.25))
+    assert drop.eval()(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

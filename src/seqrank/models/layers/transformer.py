@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from seqrank.models.layers.attention import MultiHeadSelfAttention
+from seqrank.models.layers.dropout import Dropout
 from seqrank.models.layers.mlp import make_activation
 
 
@@ -39,7 +40,7 @@ class TransformerBlock(nn.Module):
             nn.Linear(d_model, ffn_dim), make_activation(activation), nn.Linear(ffn_dim, d_model)
         )
         self.norm2 = nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, *, return_weights: bool = False
