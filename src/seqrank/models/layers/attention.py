@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqrank.models.layers.dropout import Dropout
+
 
 class MultiHeadSelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention with a key-padding mask.
@@ -37,6 +39,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.d_model = d_model
         self.num_heads = num_heads
         self.dropout = dropout
+        self.drop = Dropout(dropout)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
@@ -65,11 +68,13 @@ class MultiHeadSelfAttention(nn.Module):
         has_key = mask.any(dim=-1)  # (B,)
         attend = (mask | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, L)
         p = self.dropout if self.training else 0.0
-        if return_weights:
+        # with dropout, torch's CPU SDPA is this same math path but draws its mask with the
+        # slower bernoulli_ (see layers/dropout.py)
+        if return_weights or (p > 0 and x.device.type == "cpu"):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)  # (B, H, L, L)
             scores = scores.float().masked_fill(~attend, float("-inf"))
             weights = scores.softmax(dim=-1).to(v.dtype)  # (B, H, L, L)
-            y = F.dropout(weights, p=p) @ v  # (B, H, L, D/H)
+            y = self.drop(weights) @ v  # (B, H, L, D/H)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attend, dropout_p=p
