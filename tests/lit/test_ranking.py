@@ -77,3 +77,22 @@ def test_schema_mismatch_on_load_names_sizes() -> None:
 def test_hparams_are_plain_for_weights_only_checkpoints() -> None:
     m = module(Const(0.0))
     assert "optimizer" not in m.hparams and "scheduler" not in m.hparams
+
+
+@pytest.mark.parametrize(("trainer_clip", "expected"), [(None, 0.5), (2.0, 2.0)])
+def test_model_gradient_clip_applies_unless_the_trainer_sets_one(trainer_clip, expected) -> None:
+    """ATRank's reference clips the global norm at 5 as part of the model setting
+    (`model.gradient_clip_val`); `trainer.gradient_clip_val` overrides it."""
+    import lightning as L
+
+    module = RankingModule(nn.Linear(4, 3), partial(torch.optim.SGD, lr=1.0), gradient_clip_val=0.5)
+    module.trainer = L.Trainer(gradient_clip_val=trainer_clip, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    module.configure_gradient_clipping(opt, trainer_clip, None)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in module.parameters()))
+    assert norm.item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="model.gradient_clip_val=0"):
+        RankingModule(nn.Linear(4, 3), partial(torch.optim.SGD, lr=1.0), gradient_clip_val=0)

@@ -36,6 +36,8 @@ class RankingModule(L.LightningModule):
         scheduler_interval: `epoch` or `step`.
         monitor: the metric the scheduler (ReduceLROnPlateau) watches.
         compile: wrap `net` in `torch.compile`.
+        gradient_clip_val: the model's own gradient clipping (global norm), used when
+            `trainer.gradient_clip_val` is null; ATRank's reference setting clips at 5.
     """
 
     def __init__(
@@ -47,8 +49,11 @@ class RankingModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         monitor: str = "val/auc",
         compile: bool = False,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"model.gradient_clip_val={gradient_clip_val}; expected a float > 0 or null")
         # Plain values only: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.optimizer_factory = optimizer
@@ -131,7 +136,14 @@ class RankingModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's clipping, also for sparse embedding gradients (torch's refuses them)."""
+        """Lightning's clipping, also for sparse embedding gradients (torch's refuses them).
+
+        `trainer.gradient_clip_val` wins; without it the model's own `gradient_clip_val` (ATRank's
+        reference clips the global norm at 5) applies, by norm unless the trainer names another
+        algorithm.
+        """
+        if gradient_clip_val is None:
+            gradient_clip_val = self.hparams.get("gradient_clip_val")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_val is None or not has_sparse_grads(params):
             super().configure_gradient_clipping(
