@@ -15,11 +15,18 @@ Data: a random store with Electronics shapes (63k items, 801 categories, 192k us
 
     python benchmarks/bench_train.py --batch 256 1024 --hist 20 50 --models bst atrank \
         --embeddings dense sparse
+    python benchmarks/bench_train.py --device cuda --precision bf16-mixed --batch 4096 16384   # GPU
+
+`--device cuda` moves the model, the pre-built batches and the GEMM-rate probe to the GPU (timings
+synchronise); `--precision bf16-mixed|16-mixed` runs every path under autocast and measures the
+ceiling's GEMM rate in that dtype. The store stays in host memory (gathered on CPU, copied per
+batch): a device-resident store is not built yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -96,12 +103,31 @@ class PlainBST(nn.Module):
         return self.mlp(x.flatten(1)).squeeze(-1)
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(precision: str):  # noqa: ANN201
+    """The autocast context of a Lightning precision string (`32`, `bf16-mixed`, `16-mixed`)."""
+    if precision.startswith("bf16"):
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(DEVICE.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def timed(fn, steps: int, warmup: int = 3) -> float:  # noqa: ANN001
     for _ in range(warmup):
         fn()
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()
     return (time.perf_counter() - t) / steps
 
 
@@ -113,7 +139,7 @@ def gemm_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype) -> float:
     """
     total_flops, total_t = 0.0, 0.0
     for m, k, n in shapes:
-        x, w, dy = (torch.randn(*s, dtype=dtype) for s in ((m, k), (n, k), (m, n)))
+        x, w, dy = (torch.randn(*s, dtype=dtype, device=DEVICE) for s in ((m, k), (n, k), (m, n)))
         for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
             total_t += timed(lambda a=a, b=b: a @ b, steps=10)
             total_flops += 2 * m * k * n
@@ -148,22 +174,24 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     dm.batch_size, dm.max_len = B, hist
     loader = dm.train_dataloader()
     it = iter(loader)
-    batches = [next(it) for _ in range(4)]
+    batches = [next(it).to(DEVICE) for _ in range(4)]
     torch.manual_seed(0)
-    net = build_net(model, schema, hist)
+    net = build_net(model, schema, hist).to(DEVICE)
     flops = train_flops(net, batches[0])
     shapes = matmul_shapes(net, batches[0])
-    rate = gemm_rate(shapes, torch.float32)
+    gemm_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
+    rate = gemm_rate(shapes, gemm_dtype)
     # compute only: our model, fused Adam (row-wise on sparse embeddings), pre-built batches
     torch.manual_seed(0)
-    net = build_net(model, schema, hist, sparse)
+    net = build_net(model, schema, hist, sparse).to(DEVICE)
     opt = Adam(net.parameters(), 1e-3, fused=True)
     k = [0]
 
     def step() -> None:
         b = batches[k[0] % len(batches)]
         k[0] += 1
-        loss = F.binary_cross_entropy_with_logits(net(b), b.label)
+        with autocast(precision):
+            loss = F.binary_cross_entropy_with_logits(net(b).float(), b.label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,7 +202,7 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     module = RankingModule(build_net(model, schema, hist, sparse), compile=compile,
                            optimizer=lambda params: Adam(params, 1e-3, fused=True))
     trainer = L.Trainer(max_steps=steps + 3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, accelerator=DEVICE.type, devices=1,
                         precision=precision, use_distributed_sampler=False, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     timer = _StepTimer(warmup=3)
@@ -182,13 +210,15 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     trainer.fit(module, train_dataloaders=loader)
     t_e2e = timer.per_step()
     # plain reference
-    ref = PlainBST(schema.num_items, schema.num_cates, hist)
+    ref = PlainBST(schema.num_items, schema.num_cates, hist).to(DEVICE)
     ropt = torch.optim.Adam(ref.parameters(), 1e-3)
     rb = batches[0]
-    pad = ~torch.cat([rb.hist_mask, torch.ones(B, 1, dtype=torch.bool)], 1)
+    pad = ~torch.cat([rb.hist_mask, torch.ones(B, 1, dtype=torch.bool, device=DEVICE)], 1)
 
     def rstep() -> None:
-        loss = F.binary_cross_entropy_with_logits(ref(rb.hist_item, rb.hist_cate, rb.target_item, rb.target_cate, pad), rb.label)
+        with autocast(precision):
+            logits = ref(rb.hist_item, rb.hist_cate, rb.target_item, rb.target_cate, pad).float()
+        loss = F.binary_cross_entropy_with_logits(logits, rb.label)
         ropt.zero_grad()
         loss.backward()
         ropt.step()
@@ -209,6 +239,7 @@ class _StepTimer(L.Callback):
         self.warmup, self.starts = warmup, []
 
     def on_train_batch_start(self, *args) -> None:  # noqa: ANN002
+        sync()
         self.starts.append(time.perf_counter())
 
     def per_step(self) -> float:
@@ -222,12 +253,15 @@ def main() -> None:
     p.add_argument("--hist", nargs="+", type=int, default=[20, 50])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", default="32")
+    p.add_argument("--precision", default="32", help="32 | bf16-mixed | 16-mixed (Lightning's names)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--embeddings", nargs="+", choices=["dense", "sparse"], default=["dense"],
                    help="embedding gradients: dense, or sparse rows with lazy Adam (BST only)")
     p.add_argument("--compile", action="store_true", help="e2e with RankingModule(compile=True)")
     p.add_argument("--work-dir", default="data/bench")
     a = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     dm = SeqDataModule(RandomElectronics(), name="random_electronics", processed_dir=Path(a.work_dir) / "processed")
@@ -236,7 +270,8 @@ def main() -> None:
     rows = [bench(m, B, h, dm, a.steps, a.precision, e == "sparse", a.compile)
             for m in a.models for e in a.embeddings for B in a.batch for h in a.hist
             if m == "bst" or e == "dense"]
-    t = Table(title=f"training samples/s — {torch.get_num_threads()} threads, precision {a.precision}")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    t = Table(title=f"training samples/s — {where}, precision {a.precision}")
     for c in ("model", "batch", "hist", "e2e", "compute", "reference", "ceiling", "e2e/ceiling", "e2e/ref", "input share", "GFLOP/s", "MFLOP/sample"):
         t.add_column(c, justify="right")
     for r in rows:
