@@ -29,7 +29,16 @@ import json, resource, sys, time
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.sources.taobao import TaobaoSource
 raw, out, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():
+    # VmHWM: this process's own peak. ru_maxrss would also count the parent's RSS at fork, which
+    # Linux carries across exec (a parent that just generated 20M rows inflates it by GBs).
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 dm = SeqDataModule(TaobaoSource(raw_dir=raw), name="bench", processed_dir=out, protocol="time", max_len=50,
                    chunk_rows=rows or None)
@@ -44,13 +53,13 @@ print(json.dumps({"seconds": prep_s, "peak_mib": prep_rss, "setup_s": time.perf_
 
 
 def generate(rows: int, out: Path) -> tuple[Path, float]:
-    from seqrank.data.synthetic_taobao import SyntheticTaobaoSpec, generate_taobao
+    from seqrank.data.synthetic_taobao import SyntheticTaobaoSpec, _spec_tag, generate_taobao
 
     # the generator's user lengths average ~90 rows with mean_events=100: size users to reach `rows`
     spec = SyntheticTaobaoSpec(num_users=max(rows // 88, 10), num_items=4_000_000 if rows > 5e6 else 200_000,
                                num_cates=9000 if rows > 5e6 else 1000, mean_events=100, max_events=1000)
     t = time.perf_counter()
-    path = out / f"raw_{rows}"
+    path = out / f"raw_{rows}_{_spec_tag(spec)}"  # a changed generator gives new files, never stale ones
     if not (path / "UserBehavior.csv").exists():
         generate_taobao(path, spec)
     return path, time.perf_counter() - t
@@ -90,7 +99,7 @@ def main() -> None:
                   f"{r['rows'] / r['seconds']:,.0f}", f"{r['events']:,}", f"{r['peak_mib']:.0f}",
                   f"{r['peak_mib'] / results[0]['peak_mib']:.2f}x", f"{r['setup_s']:.2f}", f"{r['setup_peak_mib']:.0f}")
     rich.console.Console(width=220).print(t)
-    print("note: each size runs in a fresh process; RSS is that process's ru_maxrss (prepare_data, then"
+    print("note: each size runs in a fresh process; RSS is that process's peak (VmHWM: prepare_data, then"
           " after setup(), which memory-maps the store).")
 
 
