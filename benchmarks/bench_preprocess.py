@@ -34,7 +34,15 @@ OURS = r"""
 import json, resource, sys, time
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.data.sources.amazon import AmazonSource
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():
+    # VmHWM: this process's own peak (ru_maxrss also counts the parent's RSS at fork on Linux)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 dm = SeqDataModule(AmazonSource(raw_dir=sys.argv[1], category="Synthetic"), name="bench", processed_dir=sys.argv[2])
 dm.prepare_data()
@@ -50,6 +58,15 @@ PANDAS = r"""
 import gzip, json, pickle, random, resource, sys, time
 import numpy as np
 import pandas as pd
+def rss():
+    # VmHWM: this process's own peak (ru_maxrss also counts the parent's RSS at fork on Linux)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 raw, out = sys.argv[1], sys.argv[2]
 
@@ -128,7 +145,7 @@ with open(f"{out}/dataset.pkl", "wb") as f:
     pickle.dump(cate_list, f, pickle.HIGHEST_PROTOCOL)
     pickle.dump((user_count, item_count, cate_count), f, pickle.HIGHEST_PROTOCOL)
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_mib": rss(),
                   "samples": {"train": len(train_set), "test": 2 * len(test_set)}}))
 """
 
