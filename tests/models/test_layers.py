@@ -16,6 +16,9 @@ from seqrank.models.layers import (
     TransformerEncoder,
     log2_time_bucket,
 )
+from seqrank.models.layers import attention as attention_module
+from seqrank.models.layers.attention import attention, attention_weights
+from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
 DAY = 86400
 
@@ -184,11 +187,97 @@ def test_mlp_shapes_and_validation() -> None:
 def test_dropout_keeps_1_minus_p_scaled_and_is_identity_in_eval() -> None:
     torch.manual_seed(0)
     drop = Dropout(0.2)
-    x = torch.ones(200, 500)
+    x = torch.ones(200, 500, requires_grad=True)
     y = drop(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.8) < 0.01
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1.25))
+    # p is rounded to 13107 / 65536; kept elements are scaled by 1 / (1 - that)
+    scale = 65536 / (65536 - 13107)
+    assert keep_threshold(0.2) == (13107 - 32768, scale)
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], scale))
+    (g,) = torch.autograd.grad(y, x, torch.full_like(y, 2.0))
+    torch.testing.assert_close(g, kept.float() * 2 * scale)  # the same mask, the same scale
     assert drop.eval()(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_dropout_masks_follow_torch_manual_seed() -> None:
+    drop = Dropout(0.5)
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    b = drop(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(drop(x), a)
+
+
+def test_random_bits16_are_uniform_in_every_lane() -> None:
+    torch.manual_seed(0)
+    bits = random_bits16((1 << 18, 4)).long()  # four int16 lanes of each 64-bit word
+    for lane in range(4):
+        top = (bits[:, lane] + 32768) >> 12  # 16 buckets of the high 4 bits
+        counts = torch.bincount(top, minlength=16).double()
+        chi2 = (((counts - counts.mean()) ** 2) / counts.mean()).sum().item()
+        assert chi2 < 45.0, (lane, chi2)  # 15 dof: P(chi2 > 45) < 1e-4
+        low = bits[:, lane] & 1
+        assert abs(low.double().mean().item() - 0.5) < 0.01
+
+
+# --- the CPU attention kernel ------------------------------------------------------------------
+
+
+def _explicit_attention(q, k, v, key_mask, query_mask, p, seed):  # noqa: ANN001, ANN202
+    """attention() written op by op: explicit weights, the same keep mask (seeded)."""
+    w = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
+    if p > 0:
+        torch.manual_seed(seed)
+        threshold, scale = keep_threshold(p)
+        w = w * (random_bits16(w.shape) >= threshold).to(w.dtype) * scale
+    B, Lq, H, d = q.shape
+    return (w @ v.transpose(1, 2)).transpose(1, 2).reshape(B, Lq, H * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("chunk", [1 << 20, 7])  # one chunk / one sample per chunk
+@pytest.mark.parametrize("with_query_mask", [False, True])
+def test_chunked_attention_equals_explicit_math(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int, with_query_mask: bool
+) -> None:
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk)
+    torch.manual_seed(0)
+    B, Lq, Lk, H, d = 13, 5, 9, 4, 3
+    qkv = torch.randn(B, Lq, 3, H, d, dtype=dtype, requires_grad=True)  # q as a strided view
+    q = qkv.unbind(2)[0]
+    k = torch.randn(B, Lk, H, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Lk, H, d, dtype=dtype, requires_grad=True)
+    key_mask = torch.rand(B, Lk) > 0.4
+    key_mask[0], key_mask[1] = False, True  # a row without keys, a row with all
+    query_mask = torch.rand(B, Lq) > 0.2 if with_query_mask else None
+    torch.manual_seed(5)
+    y = attention(q, k, v, key_mask, query_mask, p)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {}
+    torch.testing.assert_close(y, expected, **tol)
+    assert (y[0] == 0).all()
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (qkv, k, v), g)
+    expected_grads = torch.autograd.grad(expected, (qkv, k, v), g)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
+    torch.manual_seed(0)
+    q = torch.randn(6, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(6, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.rand(6, 5) > 0.3
+    key_mask[2] = False
+    query_mask = torch.rand(6, 4) > 0.3
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attention(q, k, v, key_mask, query_mask), (q, k, v)
+    )

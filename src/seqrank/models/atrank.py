@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
+from seqrank.models.layers.attention import attention, attention_weights
+from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.time import log2_time_bucket
 
 TIME_MODES = ("concat", "add")
@@ -158,35 +160,43 @@ class Attention(nn.Module):
         self.q = _dense(dim, dim)
         self.k = _dense(dim, dim)
         self.v = _dense(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.ln = nn.LayerNorm(dim, eps=1e-8)
 
     def forward(
-        self, queries: Tensor, query_mask: Tensor, keys: Tensor, key_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        queries: Tensor,
+        query_mask: Tensor,
+        keys: Tensor,
+        key_mask: Tensor,
+        return_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """Args:
             queries: (B, Q, D).
             query_mask: (B, Q) bool, True at real queries.
             keys: (B, L, D).
             key_mask: (B, L) bool, True at real keys.
+            return_weights: also compute the attention weights (explicitly, for plots).
 
         Returns:
-            (B, Q, D) outputs and (B, H, Q, L) attention weights (before dropout); weights are 0
-            on padded keys and padded queries, and on every key of a row without real keys.
+            (B, Q, D) outputs and, if asked, the (B, H, Q, L) attention weights (before
+            dropout; else None); weights are 0 on padded keys and padded queries, and on every
+            key of a row without real keys.
         """
         B, Q, D = queries.shape
         H = self.num_heads
         # "latent spaces": each head sees the behaviours through its own slice of a ReLU dense
-        q = F.relu(self.q(queries)).view(B, Q, H, D // H).transpose(1, 2)  # (B, H, Q, D/H)
-        k = F.relu(self.k(keys)).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
-        v = F.relu(self.v(keys)).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)  # (B, H, Q, L)
-        # a finite fill: a row without keys softmaxes to uniform and is zeroed below, never NaN
-        scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1)  # (B, H, Q, L)
-        weights = weights * (key_mask[:, None, None, :] & query_mask[:, None, :, None])
-        out = self.dropout(weights) @ v  # (B, H, Q, D/H)
-        out = out.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
+        q = F.relu(self.q(queries)).view(B, Q, H, D // H)  # (B, Q, H, D/H)
+        k = F.relu(self.k(keys)).view(B, -1, H, D // H)  # (B, L, H, D/H)
+        v = F.relu(self.v(keys)).view(B, -1, H, D // H)  # (B, L, H, D/H)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if return_weights:
+            weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Q, L)
+            out = apply_dropout(weights, p) @ v.transpose(1, 2)  # (B, H, Q, D/H)
+            out = out.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
+        else:
+            out = attention(q, k, v, key_mask, query_mask, p)  # (B, Q, D)
         return self.ln(out + queries), weights
 
 
@@ -218,10 +228,15 @@ class Block(nn.Module):
         self.ffn = FeedForward(dim)
 
     def forward(
-        self, queries: Tensor, query_mask: Tensor, keys: Tensor, key_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        queries: Tensor,
+        query_mask: Tensor,
+        keys: Tensor,
+        key_mask: Tensor,
+        return_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """Shapes as in `Attention.forward`."""
-        x, weights = self.attn(queries, query_mask, keys, key_mask)  # (B, Q, D)
+        x, weights = self.attn(queries, query_mask, keys, key_mask, return_weights)  # (B, Q, D)
         return self.ffn(x), weights
 
 
@@ -362,14 +377,14 @@ class ATRank(nn.Module):
 
         stt = []
         for block in self.self_blocks:  # self-attention in K latent spaces
-            h, w = block(h, mask, h, mask)  # (B, L, D), (B, H, L, L)
+            h, w = block(h, mask, h, mask, return_attention)  # (B, L, D), (B, H, L, L)
             stt.append(w)
 
         target = self.embed_target(batch.target_item, batch.target_cate)  # (B, D)
         u = target[:, None]  # (B, 1, D)
         one = torch.ones_like(mask[:, :1])  # (B, 1)
         for block in self.target_blocks:  # vanilla attention from the target
-            u, att = block(u, one, h, mask)  # (B, 1, D), (B, H, 1, L)
+            u, att = block(u, one, h, mask, return_attention)  # (B, 1, D), (B, H, 1, L)
         has_history = mask.any(dim=1, keepdim=True)  # (B, 1)
         u = u.squeeze(1) * has_history  # (B, D): no behaviours, no user vector
 

@@ -1,4 +1,14 @@
-"""Multi-head self-attention over a padded sequence (Vaswani et al., 2017)."""
+"""Multi-head scaled dot-product attention over padded sequences (Vaswani et al., 2017).
+
+`attention` is the core both models use: softmax over the valid keys, dropout on the weights,
+weights times values. On CPU it runs as one autograd function that walks the batch in chunks of
+a few samples and does every (H, L, L) step of a chunk - scores, mask, softmax, dropout, the
+product with the values, and in the backward pass their gradients - while the chunk is in
+cache. Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in
+memory (21 MB at batch 256, history 50): ten such passes cost more than the attention's
+matrix products, and about as much as the rest of the Transformer. Elsewhere (CUDA) it is
+`F.scaled_dot_product_attention`, whose fused kernels include dropout.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,171 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrank.models.layers.dropout import Dropout
+from seqrank.models.layers.dropout import dropout as apply_dropout
+from seqrank.models.layers.dropout import keep_threshold, random_bits16
+
+# scores per chunk of the CPU path: 2^20 floats = 4 MiB (fewer, larger chunks measured faster
+# than L2-sized ones: per-op overhead outweighs the cache misses)
+CHUNK_SCORES = 1 << 20
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor,
+    query_mask: Tensor | None = None,
+    dropout: float = 0.0,
+) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head, over the valid keys, with dropout on the weights.
+
+    Rows (queries) without a valid key, and queries where `query_mask` is False, get all-zero
+    weights and a zero output (never NaN).
+
+    Args:
+        q: (B, Lq, H, d) queries, any strides (e.g. a view of a packed projection).
+        k: (B, Lk, H, d) keys.
+        v: (B, Lk, H, d) values.
+        key_mask: (B, Lk) bool, True where a key may be attended.
+        query_mask: (B, Lq) bool, True at real queries; None = all real.
+        dropout: drop probability of the attention weights (pass 0 outside training).
+
+    Returns:
+        (B, Lq, H * d) outputs, heads concatenated.
+    """
+    B, Lq, H, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    has_key = key_mask.any(dim=1)  # (B,)
+    attend = key_mask | ~has_key[:, None]  # (B, Lk): a row without keys attends to all...
+    row_valid = has_key[:, None].expand(B, Lq)  # (B, Lq) ...and is zeroed
+    if query_mask is not None:
+        row_valid = row_valid & query_mask
+    if q.device.type == "cpu":
+        rows = None if bool(row_valid.all()) else row_valid
+        return _ChunkedAttention.apply(q, k, v, attend, rows, dropout, scale)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attend[:, None, None, :],
+        dropout_p=dropout,
+        scale=scale,
+    )  # (B, H, Lq, d)
+    y = y * row_valid[:, None, :, None].to(y.dtype)  # (B, H, Lq, d)
+    return y.transpose(1, 2).reshape(B, Lq, H * d)
+
+
+def attention_weights(
+    q: Tensor, k: Tensor, key_mask: Tensor, query_mask: Tensor | None = None
+) -> Tensor:
+    """The weights `attention` applies (before dropout), computed explicitly, for plots.
+
+    Args:
+        q, k, key_mask, query_mask: as in `attention`.
+
+    Returns:
+        (B, H, Lq, Lk) weights; zero on masked keys, on padded queries and on rows without a
+        valid key.
+    """
+    d = q.shape[-1]
+    scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / math.sqrt(d)  # (B, H, Lq, Lk)
+    has_key = key_mask.any(dim=1)  # (B,)
+    attend = (key_mask | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half -> float
+    weights = scores.masked_fill(~attend, float("-inf")).softmax(dim=-1)
+    valid = has_key[:, None, None, None]  # (B, 1, 1, 1)
+    if query_mask is not None:
+        valid = valid & query_mask[:, None, :, None]  # (B, 1, Lq, 1)
+    return (weights * valid).to(q.dtype)
+
+
+def _heads(x: Tensor, scale: float | None = None) -> Tensor:
+    """(b, L, H, d) any strides -> contiguous (b * H, L, d), optionally times `scale`."""
+    b, L, H, d = x.shape
+    out = x.new_empty(b, H, L, d)
+    if scale is None:
+        out.copy_(x.transpose(1, 2))
+    else:
+        torch.mul(x.transpose(1, 2), scale, out=out)
+    return out.view(b * H, L, d)
+
+
+def _put_heads(y: Tensor, out: Tensor, scale: float = 1.0) -> None:
+    """Write (b * H, L, d) into out's (b, L, H, d) slice, times `scale`."""
+    b, L, H, d = out.shape
+    view = out.transpose(1, 2)  # (b, H, L, d)
+    if scale == 1.0:
+        view.copy_(y.view(b, H, L, d))
+    else:
+        torch.mul(y.view(b, H, L, d), scale, out=view)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """The CPU path of `attention`, a few samples at a time.
+
+    Saved for backward: q, k, v, the softmax weights P (B, H, Lq, Lk) and, with dropout, the
+    16-bit draws of the keep mask (B, H, Lq, Lk); scaled queries, heads and masks are rebuilt
+    per chunk.
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN001, PLR0913
+        ctx, q: Tensor, k: Tensor, v: Tensor, attend: Tensor, rows: Tensor | None, p: float, scale: float
+    ) -> Tensor:
+        B, Lq, H, d = q.shape
+        Lk = k.shape[1]
+        out = q.new_empty(B, Lq, H, d)
+        P = q.new_empty(B, H, Lq, Lk)
+        masked = ~attend[:, None, None, :]  # (B, 1, 1, Lk)
+        row_scale = None if rows is None else rows[:, None, :, None].to(q.dtype)  # (B, 1, Lq, 1)
+        bits = random_bits16((B, H, Lq, Lk)) if p > 0 else None
+        threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
+        step = max(1, CHUNK_SCORES // (H * Lq * Lk))
+        buf = q.new_empty(min(step, B), H, Lq, Lk) if p > 0 else None
+        for i in range(0, B, step):
+            j = min(i + step, B)
+            b = j - i
+            s = torch.bmm(_heads(q[i:j], scale), _heads(k[i:j]).transpose(1, 2))  # (bH, Lq, Lk)
+            s = s.view(b, H, Lq, Lk).masked_fill_(masked[i:j], float("-inf"))
+            w = torch.ops.aten._softmax.out(s, -1, False, out=P[i:j])  # (b, H, Lq, Lk)
+            if row_scale is not None:
+                w.mul_(row_scale[i:j])
+            if bits is not None:  # keep where bits >= threshold; the scale goes on the output
+                w = torch.ge(bits[i:j], threshold, out=buf[:b]).mul_(w)
+            y = torch.bmm(w.view(b * H, Lq, Lk), _heads(v[i:j]))  # (bH, Lq, d)
+            _put_heads(y, out[i:j], keep_scale)
+        ctx.save_for_backward(q, k, v, P, bits)
+        ctx.threshold, ctx.keep_scale, ctx.scale, ctx.step = threshold, keep_scale, scale, step
+        return out.view(B, Lq, H * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        q, k, v, P, bits = ctx.saved_tensors
+        B, Lq, H, d = q.shape
+        Lk = k.shape[1]
+        g = grad.reshape(B, Lq, H, d)
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+        step = ctx.step
+        keep = q.new_empty(min(step, B) * H, Lq, Lk) if bits is not None else None
+        for i in range(0, B, step):
+            j = min(i + step, B)
+            b = j - i
+            gy = _heads(g[i:j], ctx.keep_scale)  # (bH, Lq, d), the dropout scale folded in
+            qs, kh, vh = _heads(q[i:j], ctx.scale), _heads(k[i:j]), _heads(v[i:j])
+            w = P[i:j].view(b * H, Lq, Lk)
+            dw = torch.bmm(gy, vh.transpose(1, 2))  # (bH, Lq, Lk)
+            if bits is not None:
+                m = torch.ge(bits[i:j].view(b * H, Lq, Lk), ctx.threshold, out=keep[: b * H])
+                dv_c = torch.bmm(m.mul(w).transpose(1, 2), gy)  # (bH, Lk, d)
+                dw.mul_(m)
+            else:
+                dv_c = torch.bmm(w.transpose(1, 2), gy)  # (bH, Lk, d)
+            # softmax backward; zero where P is zero (masked keys, zeroed rows)
+            ds = torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype)  # (bH, Lq, Lk)
+            _put_heads(torch.bmm(ds, kh), dq[i:j], ctx.scale)
+            _put_heads(torch.bmm(ds.transpose(1, 2), qs), dk[i:j])
+            _put_heads(dv_c, dv[i:j])
+        return dq, dk, dv, None, None, None, None
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -39,7 +213,6 @@ class MultiHeadSelfAttention(nn.Module):
         self.d_model = d_model
         self.num_heads = num_heads
         self.dropout = dropout
-        self.drop = Dropout(dropout)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
@@ -59,31 +232,19 @@ class MultiHeadSelfAttention(nn.Module):
         """
         B, L, D = x.shape
         H = self.num_heads
-        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, L, D)
-        q, k, v = (t.view(B, L, H, D // H).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, L, D/H)
+        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).unbind(2)  # 3 x (B, L, H, D/H) views
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
-        # a sequence with no valid key would softmax over all -inf -> NaN: let it attend to
-        # everything, then zero its output below
-        has_key = mask.any(dim=-1)  # (B,)
-        attend = (mask | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, L)
         p = self.dropout if self.training else 0.0
-        # with dropout, torch's CPU SDPA is this same math path but draws its mask with the
-        # slower bernoulli_ (see layers/dropout.py)
-        if return_weights or (p > 0 and x.device.type == "cpu"):
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)  # (B, H, L, L)
-            scores = scores.float().masked_fill(~attend, float("-inf"))
-            weights = scores.softmax(dim=-1).to(v.dtype)  # (B, H, L, L)
-            y = self.drop(weights) @ v  # (B, H, L, D/H)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attend, dropout_p=p
-            )  # (B, H, L, D/H)
-        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
-        y = self.out(y) * has_key[:, None, None].to(y.dtype)  # (B, L, D), zeros without keys
         if return_weights:
-            return y, weights * has_key[:, None, None, None].to(weights.dtype)
-        return y
+            weights = attention_weights(q, k, mask)  # (B, H, L, L)
+            y = apply_dropout(weights, p) @ v.transpose(1, 2)  # (B, H, L, D/H)
+            y = y.transpose(1, 2).reshape(B, L, D)
+        else:
+            y = attention(q, k, v, mask, dropout=p)  # (B, L, D), zero rows without keys
+        has_key = mask.any(dim=-1)  # (B,)
+        y = self.out(y) * has_key[:, None, None].to(y.dtype)  # (B, L, D), zeros without keys
+        return (y, weights) if return_weights else y
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"
