@@ -39,6 +39,13 @@ def _dense(in_dim: int, out_dim: int) -> nn.Linear:
     return layer
 
 
+def _stacked(x: Tensor, *layers: nn.Linear) -> Tensor:
+    """[layer(x) for layer in layers] concatenated on the last axis, as one matrix product."""
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of out, in)
+    bias = torch.cat([layer.bias for layer in layers])  # (sum of out,)
+    return F.linear(x, weight, bias)  # (..., sum of out)
+
+
 class BehaviorEmbedding(nn.Module):
     """Embed each behaviour into its group's space, then project it to the common width (§3.2).
 
@@ -116,10 +123,10 @@ class BehaviorEmbedding(nn.Module):
         return torch.cat([self.item(item), self.cate(cate)], dim=-1)  # (..., 2E)
 
     def forward(
-        self, item: Tensor, cate: Tensor, bucket: Tensor, action: Tensor | None, group: Tensor
+        self, obj: Tensor, bucket: Tensor, action: Tensor | None, group: Tensor
     ) -> Tensor:
         """Args:
-            item, cate: (B, L) object ids.
+            obj: (B, L, 2E) object embeddings (`objects`).
             bucket: (B, L) time bucket ids.
             action: (B, L) action (behaviour) ids, or None when actions are not used.
             group: (B, L) group index of each behaviour in [0, G).
@@ -127,7 +134,6 @@ class BehaviorEmbedding(nn.Module):
         Returns:
             (B, L, D) behaviours in the common space.
         """
-        obj = self.objects(item, cate)  # (B, L, 2E)
         per_group = []
         for g, proj in enumerate(self.proj):  # G is small: loop over groups, not samples
             extra = self.time[g](bucket)  # (B, L, D or 2E)
@@ -185,10 +191,15 @@ class Attention(nn.Module):
         """
         B, Q, D = queries.shape
         H = self.num_heads
-        # "latent spaces": each head sees the behaviours through its own slice of a ReLU dense
-        q = F.relu(self.q(queries)).view(B, Q, H, D // H)  # (B, Q, H, D/H)
-        k = F.relu(self.k(keys)).view(B, -1, H, D // H)  # (B, L, H, D/H)
-        v = F.relu(self.v(keys)).view(B, -1, H, D // H)  # (B, L, H, D/H)
+        # "latent spaces": each head sees the behaviours through its own slice of a ReLU dense;
+        # the denses that read the same input run as one (one GEMM, one ReLU pass)
+        if queries is keys:
+            qkv = F.relu(_stacked(queries, self.q, self.k, self.v)).view(B, Q, 3, H, D // H)
+            q, k, v = qkv.unbind(2)  # 3 x (B, L, H, D/H)
+        else:
+            q = F.relu(self.q(queries)).view(B, Q, H, D // H)  # (B, Q, H, D/H)
+            kv = F.relu(_stacked(keys, self.k, self.v)).view(B, -1, 2, H, D // H)
+            k, v = kv.unbind(2)  # 2 x (B, L, H, D/H)
         p = self.dropout if self.training else 0.0
         weights = None
         if return_weights:
@@ -337,14 +348,13 @@ class ATRank(nn.Module):
         self._user: Tensor | None = None
         self._target: Tensor | None = None
 
-    def embed_target(self, item: Tensor, cate: Tensor) -> Tensor:
+    def embed_target(self, obj: Tensor) -> Tensor:
         """Args:
-            item, cate: (B,) candidate ids.
+            obj: (B, 2E) candidate object embeddings.
 
         Returns:
             (B, D) candidate vectors in the common space.
         """
-        obj = self.behaviors.objects(item, cate)  # (B, 2E)
         if self.candidate is not None:
             return self.candidate(obj)  # (B, D)
         return self.behaviors.proj[0](obj)  # (B, D): item group's F_M, no time, no action
@@ -373,14 +383,19 @@ class ATRank(nn.Module):
         else:
             group = (behavior - 1).clamp(0, self.num_groups - 1)  # (B, L); pads masked anyway
         action = behavior if self.use_actions else None
-        h = self.behaviors(item, cate, bucket, action, group)  # (B, L, D)
+        # history and candidates in one lookup per table: one dense gradient per table
+        obj = self.behaviors.objects(
+            torch.cat([item, batch.target_item[:, None]], dim=1),
+            torch.cat([cate, batch.target_cate[:, None]], dim=1),
+        )  # (B, L+1, 2E)
+        h = self.behaviors(obj[:, :L], bucket, action, group)  # (B, L, D)
 
         stt = []
         for block in self.self_blocks:  # self-attention in K latent spaces
             h, w = block(h, mask, h, mask, return_attention)  # (B, L, D), (B, H, L, L)
             stt.append(w)
 
-        target = self.embed_target(batch.target_item, batch.target_cate)  # (B, D)
+        target = self.embed_target(obj[:, L])  # (B, D)
         u = target[:, None]  # (B, 1, D)
         one = torch.ones_like(mask[:, :1])  # (B, 1)
         for block in self.target_blocks:  # vanilla attention from the target

@@ -1,0 +1,112 @@
+"""benchmarks/bench_train.py: its references compute our models' function, its ceiling counts
+every matrix product, and one benchmark row runs end to end (on a tiny random store)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqrank.data.datamodule import SeqDataModule
+from seqrank.models.atrank import ATRank
+from seqrank.models.bst import BST
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_train  # noqa: E402
+
+HIST = 6
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory: pytest.TempPathFactory) -> SeqDataModule:
+    source = bench_train.RandomElectronics(users=300, items=200, cates=15, events=6000)
+    dm = SeqDataModule(source, name="random_electronics", max_len=HIST, batch_size=32,
+                       processed_dir=tmp_path_factory.mktemp("bench") / "processed")
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def _batch(dm: SeqDataModule):  # noqa: ANN202
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.hist_item.shape == (32, HIST) and batch.hist_mask.any(1).all()
+    return batch
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_plain_bst_is_the_same_function_as_bst(dm: SeqDataModule) -> None:
+    torch.manual_seed(0)
+    ours = BST(dm.schema, embed_dim=8, num_heads=8, max_len=HIST).eval()
+    plain = bench_train.PlainBST(dm.schema.num_items, dm.schema.num_cates, HIST, d=8).eval()
+    block = ours.encoder.layers[0]
+    with torch.no_grad():
+        plain.item.weight.copy_(ours.item_emb.weight)
+        plain.cate.weight.copy_(ours.cate_emb.weight)
+        plain.time.weight.copy_(ours.time_emb.embedding.weight)
+        plain.enc.self_attn.in_proj_weight.copy_(block.attn.qkv.weight)
+        plain.enc.self_attn.in_proj_bias.copy_(block.attn.qkv.bias)
+        pairs = [(block.attn.out, plain.enc.self_attn.out_proj), (block.ffn[0], plain.enc.linear1),
+                 (block.ffn[2], plain.enc.linear2), (block.norm1, plain.enc.norm1), (block.norm2, plain.enc.norm2),
+                 *zip(_linears(ours.mlp), _linears(plain.mlp))]
+        for a, b in pairs:
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+    b = _batch(dm)
+    pad = ~torch.cat([b.hist_mask, torch.ones(32, 1, dtype=torch.bool)], 1)
+    bucket = bench_train.log2_time_bucket(F.pad(b.hist_gap, (0, 1)), 12)
+    got = plain(b.hist_item, b.hist_cate, b.target_item, b.target_cate, bucket, pad)
+    torch.testing.assert_close(got, ours(b), atol=1e-5, rtol=1e-4)
+
+
+def test_plain_atrank_is_the_same_function_as_atrank(dm: SeqDataModule) -> None:
+    torch.manual_seed(0)
+    ours = ATRank(dm.schema, embed_dim=8, num_heads=8, max_len=HIST).eval()
+    plain = bench_train.PlainATRank(dm.schema.num_items, dm.schema.num_cates, d=8).eval()
+    emb = ours.behaviors
+    with torch.no_grad():
+        plain.item.weight.copy_(emb.item.weight)
+        plain.cate.weight.copy_(emb.cate.weight)
+        plain.item_b.weight.copy_(ours.item_bias[:, None])
+        # a dense over [object; one_hot(bucket)] = the projection plus a per-bucket row
+        plain.hist.weight.copy_(torch.cat([emb.proj[0].weight, emb.time[0].weight.T], dim=1))
+        plain.hist.bias.copy_(emb.proj[0].bias)
+        for blk, theirs in zip((*ours.self_blocks, *ours.target_blocks), plain.blocks):
+            pairs = [(blk.attn.q, theirs["q"]), (blk.attn.k, theirs["k"]), (blk.attn.v, theirs["v"]),
+                     (blk.attn.ln, theirs["ln"]), (blk.ffn.inner, theirs["f1"]), (blk.ffn.outer, theirs["f2"]),
+                     (blk.ffn.ln, theirs["ln2"])]
+            for a, b in pairs:
+                b.weight.copy_(a.weight)
+                b.bias.copy_(a.bias)
+    b = _batch(dm)
+    bucket = bench_train.log2_time_bucket(b.hist_gap, 12)
+    got = plain(b.hist_item, b.hist_cate, bucket, b.hist_mask, b.target_item, b.target_cate)
+    torch.testing.assert_close(got, ours(b), atol=1e-5, rtol=1e-4)
+
+
+def test_ceiling_records_every_matrix_product_of_a_step() -> None:
+    lin = nn.Linear(32, 16)
+    x = torch.randn(64, 32)
+    flops, calls = bench_train.record_step(lambda: lin(x).sum().backward())
+    assert flops == 2 * (2 * 64 * 32 * 16)  # forward and weight gradient (x needs none)
+    ops = sorted(str(func) for (func, _, _), _ in calls.items())
+    assert ops == ["aten.addmm.default", "aten.mm.default"]
+    assert sum(calls.values()) == 2
+    seconds = bench_train.gemm_time(calls, repeats=2)
+    assert 0 < seconds < 0.1
+
+
+@pytest.mark.parametrize("model", ["bst", "atrank"])
+def test_one_benchmark_row_runs_end_to_end(dm: SeqDataModule, model: str) -> None:
+    row = bench_train.bench(model, 16, HIST, dm, steps=3, precision="32")
+    for key in ("e2e", "e2e median", "compute", "reference", "ceiling", "gflops", "mflop/sample"):
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+    assert 0 < row["input_share"] < 1
+    assert row["e2e"] >= row["e2e median"]  # the best step is at least the typical one
