@@ -234,7 +234,9 @@ def _explicit_attention(q, k, v, key_mask, query_mask, p, seed):  # noqa: ANN001
     if p > 0:
         torch.manual_seed(seed)
         threshold, scale = keep_threshold(p)
-        w = w * (random_bits16(w.shape) >= threshold).to(w.dtype) * scale
+        B, H, Lq, Lk = w.shape
+        bits = random_bits16((H, B, Lq, Lk)).transpose(0, 1)  # drawn head-major, as the kernel
+        w = w * (bits >= threshold).to(w.dtype) * scale
     B, Lq, H, d = q.shape
     return (w @ v.transpose(1, 2)).transpose(1, 2).reshape(B, Lq, H * d)
 

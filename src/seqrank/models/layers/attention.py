@@ -1,10 +1,10 @@
 """Multi-head scaled dot-product attention over padded sequences (Vaswani et al., 2017).
 
 `attention` is the core both models use: softmax over the valid keys, dropout on the weights,
-weights times values. On CPU it runs as one autograd function that walks the batch in chunks of
-a few samples and does every (H, L, L) step of a chunk - scores, mask, softmax, dropout, the
-product with the values, and in the backward pass their gradients - while the chunk is in
-cache. Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in
+weights times values. On CPU it runs as one autograd function that walks the heads and, for long
+histories or large batches, chunks of samples, and does every (L, L) step of a head - scores,
+mask, softmax, dropout, the product with the values, and in the backward pass their
+gradients - while the head's scores are in cache, reading and writing the heads in place. Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in
 memory (21 MB at batch 256, history 50): ten such passes cost more than the attention's
 matrix products, and about as much as the rest of the Transformer. Elsewhere (CUDA) it is
 `F.scaled_dot_product_attention`, whose fused kernels include dropout.
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
-# scores per chunk of the CPU path: 2^20 floats = 4 MiB (fewer, larger chunks measured faster
-# than L2-sized ones: per-op overhead outweighs the cache misses)
+# scores of one head per chunk of the CPU path: 2^20 floats = 4 MiB (fewer, larger chunks
+# measured faster than L2-sized ones: per-op overhead outweighs the cache misses)
 CHUNK_SCORES = 1 << 20
 
 
@@ -96,33 +96,14 @@ def attention_weights(
     return (weights * valid).to(q.dtype)
 
 
-def _heads(x: Tensor, scale: float | None = None) -> Tensor:
-    """(b, L, H, d) any strides -> contiguous (b * H, L, d), optionally times `scale`."""
-    b, L, H, d = x.shape
-    out = x.new_empty(b, H, L, d)
-    if scale is None:
-        out.copy_(x.transpose(1, 2))
-    else:
-        torch.mul(x.transpose(1, 2), scale, out=out)
-    return out.view(b * H, L, d)
-
-
-def _put_heads(y: Tensor, out: Tensor, scale: float = 1.0) -> None:
-    """Write (b * H, L, d) into out's (b, L, H, d) slice, times `scale`."""
-    b, L, H, d = out.shape
-    view = out.transpose(1, 2)  # (b, H, L, d)
-    if scale == 1.0:
-        view.copy_(y.view(b, H, L, d))
-    else:
-        torch.mul(y.view(b, H, L, d), scale, out=view)
-
-
 class _ChunkedAttention(torch.autograd.Function):
-    """The CPU path of `attention`, a few samples at a time.
+    """The CPU path of `attention`: head by head, a chunk of samples at a time.
 
-    Saved for backward: q, k, v, the softmax weights P (B, H, Lq, Lk) and, with dropout, the
-    16-bit draws of the keep mask (B, H, Lq, Lk); scaled queries, heads and masks are rebuilt
-    per chunk.
+    Each head's queries, keys and values are read in place from the (B, L, H, d) inputs (a
+    strided batch of (L, d) matrices is what `bmm` takes), and its outputs and gradients are
+    written in place into (B, L, H, d) results: no copies that reorder heads. Saved for
+    backward: q, k, v, the softmax weights P (H, B, Lq, Lk) and, with dropout, the 16-bit
+    draws of the keep mask (H, B, Lq, Lk).
     """
 
     @staticmethod
@@ -132,25 +113,26 @@ class _ChunkedAttention(torch.autograd.Function):
         B, Lq, H, d = q.shape
         Lk = k.shape[1]
         out = q.new_empty(B, Lq, H, d)
-        P = q.new_empty(B, H, Lq, Lk)
-        masked = ~attend[:, None, None, :]  # (B, 1, 1, Lk)
-        row_scale = None if rows is None else rows[:, None, :, None].to(q.dtype)  # (B, 1, Lq, 1)
-        bits = random_bits16((B, H, Lq, Lk)) if p > 0 else None
+        P = q.new_empty(H, B, Lq, Lk)
+        masked = ~attend[:, None, :]  # (B, 1, Lk)
+        row_scale = None if rows is None else rows[:, :, None].to(q.dtype)  # (B, Lq, 1)
+        bits = random_bits16((H, B, Lq, Lk)) if p > 0 else None
         threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
-        step = max(1, CHUNK_SCORES // (H * Lq * Lk))
-        buf = q.new_empty(min(step, B), H, Lq, Lk) if p > 0 else None
+        step = max(1, CHUNK_SCORES // (Lq * Lk))
+        scores = q.new_empty(min(step, B), Lq, Lk)
+        kept = q.new_empty(min(step, B), Lq, Lk) if p > 0 else None
         for i in range(0, B, step):
             j = min(i + step, B)
             b = j - i
-            s = torch.bmm(_heads(q[i:j], scale), _heads(k[i:j]).transpose(1, 2))  # (bH, Lq, Lk)
-            s = s.view(b, H, Lq, Lk).masked_fill_(masked[i:j], float("-inf"))
-            w = torch.ops.aten._softmax.out(s, -1, False, out=P[i:j])  # (b, H, Lq, Lk)
-            if row_scale is not None:
-                w.mul_(row_scale[i:j])
-            if bits is not None:  # keep where bits >= threshold; the scale goes on the output
-                w = torch.ge(bits[i:j], threshold, out=buf[:b]).mul_(w)
-            y = torch.bmm(w.view(b * H, Lq, Lk), _heads(v[i:j]))  # (bH, Lq, d)
-            _put_heads(y, out[i:j], keep_scale)
+            for h in range(H):
+                s = scores[:b].baddbmm_(q[i:j, :, h], k[i:j, :, h].transpose(1, 2), beta=0, alpha=scale)
+                s.masked_fill_(masked[i:j], float("-inf"))  # (b, Lq, Lk)
+                w = torch.ops.aten._softmax.out(s, -1, False, out=P[h, i:j])  # (b, Lq, Lk)
+                if row_scale is not None:
+                    w.mul_(row_scale[i:j])
+                if bits is not None:  # keep where bits >= threshold; the scale goes on the output
+                    w = torch.ge(bits[h, i:j], threshold, out=kept[:b]).mul_(w)
+                torch.mul(torch.bmm(w, v[i:j, :, h]), keep_scale, out=out[i:j, :, h])  # (b, Lq, d)
         ctx.save_for_backward(q, k, v, P, bits)
         ctx.threshold, ctx.keep_scale, ctx.scale, ctx.step = threshold, keep_scale, scale, step
         return out.view(B, Lq, H * d)
@@ -162,26 +144,28 @@ class _ChunkedAttention(torch.autograd.Function):
         Lk = k.shape[1]
         g = grad.reshape(B, Lq, H, d)
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
-        step = ctx.step
-        keep = q.new_empty(min(step, B) * H, Lq, Lk) if bits is not None else None
+        step, scale, keep_scale = ctx.step, ctx.scale, ctx.keep_scale
+        dw_buf = q.new_empty(min(step, B), Lq, Lk)
+        kept = q.new_empty(min(step, B), Lq, Lk) if bits is not None else None
         for i in range(0, B, step):
             j = min(i + step, B)
             b = j - i
-            gy = _heads(g[i:j], ctx.keep_scale)  # (bH, Lq, d), the dropout scale folded in
-            qs, kh, vh = _heads(q[i:j], ctx.scale), _heads(k[i:j]), _heads(v[i:j])
-            w = P[i:j].view(b * H, Lq, Lk)
-            dw = torch.bmm(gy, vh.transpose(1, 2))  # (bH, Lq, Lk)
-            if bits is not None:
-                m = torch.ge(bits[i:j].view(b * H, Lq, Lk), ctx.threshold, out=keep[: b * H])
-                dv_c = torch.bmm(m.mul(w).transpose(1, 2), gy)  # (bH, Lk, d)
-                dw.mul_(m)
-            else:
-                dv_c = torch.bmm(w.transpose(1, 2), gy)  # (bH, Lk, d)
-            # softmax backward; zero where P is zero (masked keys, zeroed rows)
-            ds = torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype)  # (bH, Lq, Lk)
-            _put_heads(torch.bmm(ds, kh), dq[i:j], ctx.scale)
-            _put_heads(torch.bmm(ds.transpose(1, 2), qs), dk[i:j])
-            _put_heads(dv_c, dv[i:j])
+            for h in range(H):
+                gh = g[i:j, :, h]  # (b, Lq, d)
+                w = P[h, i:j]  # (b, Lq, Lk)
+                # gradient of the dropped weights, the dropout scale folded in
+                dw = dw_buf[:b].baddbmm_(gh, v[i:j, :, h].transpose(1, 2), beta=0, alpha=keep_scale)
+                if bits is not None:
+                    m = torch.ge(bits[h, i:j], ctx.threshold, out=kept[:b])  # (b, Lq, Lk) 0/1
+                    dv_h = torch.bmm(m.mul(w).transpose(1, 2), gh)  # (b, Lk, d)
+                    dw.mul_(m)
+                else:
+                    dv_h = torch.bmm(w.transpose(1, 2), gh)  # (b, Lk, d)
+                torch.mul(dv_h, keep_scale, out=dv[i:j, :, h])
+                # softmax backward; zero where P is zero (masked keys, zeroed rows)
+                ds = torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype)  # (b, Lq, Lk)
+                torch.mul(torch.bmm(ds, k[i:j, :, h]), scale, out=dq[i:j, :, h])
+                torch.mul(torch.bmm(ds.transpose(1, 2), q[i:j, :, h]), scale, out=dk[i:j, :, h])
         return dq, dk, dv, None, None, None, None
 
 
