@@ -205,7 +205,8 @@ class BST(nn.Module):
         if self.pooling == "mean":
             return x.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(x.dtype)  # (B, D)
         # concat: left-pad to max_len+1 so the MLP input size does not depend on L
-        x = F.pad(x, (0, 0, self.max_len + 1 - x.shape[1], 0))  # (B, max_len+1, D)
+        if x.shape[1] < self.max_len + 1:  # (a pad of 0 would still copy)
+            x = F.pad(x, (0, 0, self.max_len + 1 - x.shape[1], 0))  # (B, max_len+1, D)
         return x.flatten(1)  # (B, (max_len+1) * D)
 
     def attention_weights(self, batch: Batch) -> list[Tensor]:

@@ -226,8 +226,11 @@ class MultiHeadSelfAttention(nn.Module):
             y = y.transpose(1, 2).reshape(B, L, D)
         else:
             y = attention(q, k, v, mask, dropout=p)  # (B, L, D), zero rows without keys
+        y = self.out(y)  # (B, L, D)
         has_key = mask.any(dim=-1)  # (B,)
-        y = self.out(y) * has_key[:, None, None].to(y.dtype)  # (B, L, D), zeros without keys
+        # zeros without keys; on CPU the check is free and BST's target is always a key
+        if x.device.type != "cpu" or not bool(has_key.all()):
+            y = y * has_key[:, None, None].to(y.dtype)  # (B, L, D)
         return (y, weights) if return_weights else y
 
     def extra_repr(self) -> str:
