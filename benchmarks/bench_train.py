@@ -24,10 +24,11 @@ Data: a random store with Electronics shapes (63k items, 801 categories, 192k us
         --embeddings dense sparse
     python benchmarks/bench_train.py --device cuda --precision bf16-mixed --batch 4096 16384   # GPU
 
-`--device cuda` moves the model, the pre-built batches and the GEMM-rate probe to the GPU (timings
-synchronise); `--precision bf16-mixed|16-mixed` runs every path under autocast and measures the
-ceiling's GEMM rate in that dtype. The store stays in host memory (gathered on CPU, copied per
-batch): a device-resident store is not built yet.
+`--device cuda` moves the model, the pre-built batches and the ceiling's replayed matrix products
+to the GPU (timings synchronise) and keeps the store on the GPU (`data.device_store`: batches
+gathered there; `--store host` gathers on the CPU and copies each batch); `--precision
+bf16-mixed|16-mixed` runs every path under autocast (the replayed products are recorded in the
+dtypes autocast gives them).
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class PlainATRank(nn.Module):
 
 
 DEVICE = torch.device("cpu")
+DEVICE_STORE = False  # gather batches on DEVICE from a device-resident store
 
 
 def sync() -> None:
@@ -250,6 +252,7 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
           sparse: bool = False, compile: bool = False) -> dict:
     schema = dm.schema
     dm.batch_size, dm.max_len = B, hist
+    dm.device_store = str(DEVICE) if DEVICE_STORE else False
     loader = dm.train_dataloader()
     it = iter(loader)
     batches = [next(it).to(DEVICE) for _ in range(4)]
@@ -343,10 +346,13 @@ def main() -> None:
     p.add_argument("--embeddings", nargs="+", choices=["dense", "sparse"], default=["dense"],
                    help="embedding gradients: dense, or sparse rows with lazy Adam (BST only)")
     p.add_argument("--compile", action="store_true", help="e2e with RankingModule(compile=True)")
+    p.add_argument("--store", choices=["host", "device"], default=None,
+                   help="where batches are gathered (data.device_store); default: device on cuda, host on cpu")
     p.add_argument("--work-dir", default="data/bench")
     a = p.parse_args()
-    global DEVICE
+    global DEVICE, DEVICE_STORE
     DEVICE = torch.device(a.device)
+    DEVICE_STORE = (a.store or ("device" if a.device == "cuda" else "host")) == "device"
     if a.threads:
         torch.set_num_threads(a.threads)
     dm = SeqDataModule(RandomElectronics(), name="random_electronics", processed_dir=Path(a.work_dir) / "processed")
@@ -356,7 +362,8 @@ def main() -> None:
             for m in a.models for e in a.embeddings for B in a.batch for h in a.hist
             if m == "bst" or e == "dense"]
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    t = Table(title=f"training samples/s — {where}, precision {a.precision}")
+    store = "on the device" if DEVICE_STORE else "on the host"
+    t = Table(title=f"training samples/s — {where}, precision {a.precision}, batches gathered {store}")
     for c in ("model", "batch", "hist", "e2e", "e2e median", "compute", "reference", "ceiling", "e2e/ceiling", "e2e/ref", "input share", "GFLOP/s", "MFLOP/sample"):
         t.add_column(c, justify="right")
     for r in rows:

@@ -103,8 +103,11 @@ def test_ceiling_records_every_matrix_product_of_a_step() -> None:
     assert 0 < seconds < 0.1
 
 
-@pytest.mark.parametrize("model", ["bst", "atrank"])
-def test_one_benchmark_row_runs_end_to_end(dm: SeqDataModule, model: str) -> None:
+@pytest.mark.parametrize(("model", "device_store"), [("bst", False), ("atrank", False), ("bst", True)])
+def test_one_benchmark_row_runs_end_to_end(
+    dm: SeqDataModule, model: str, device_store: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_train, "DEVICE_STORE", device_store)
     row = bench_train.bench(model, 16, HIST, dm, steps=3, precision="32")
     for key in ("e2e", "e2e median", "compute", "reference", "ceiling", "gflops", "mflop/sample"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])

@@ -50,6 +50,21 @@ def test_seeded_runs_reproduce(tmp_path: Path) -> None:
     assert results[0] == results[1]
 
 
+def test_device_store_trains_to_the_same_metrics(tmp_path: Path) -> None:
+    """data.device_store=true (store on the training device, batches gathered there) gives the
+    very same run as the host gather: same batches, so the same metrics (on CPU here)."""
+    results = []
+    for run, device_store in (("host", "false"), ("device", "true")):
+        cfg = compose_cfg("train.yaml", [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "trainer.max_epochs=1",
+                                         "callbacks=none", "~logger", f"data.device_store={device_store}"],
+                          tmp_path / run)
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(tmp_path / "shared_data")
+        metrics, _ = train(cfg)
+        results.append({k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))})
+    assert results[0] == results[1] and results[0]
+
+
 def test_missing_amazon_files_stop_with_paths_and_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "data=electro", f"paths.root_dir={tmp_path}"],

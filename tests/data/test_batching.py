@@ -9,10 +9,12 @@ from torch.utils.data import DataLoader
 
 from seqrank.data.batching import (
     BatchGatherDataset,
+    DeviceGatherDataset,
     EventArrays,
     IndexBatchSampler,
     SampleArrays,
     gather_numpy,
+    to_device,
 )
 from seqrank.data.types import Batch
 
@@ -144,6 +146,23 @@ def test_batch_gather_dataset_returns_torch_batch() -> None:
         assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), want[f]), f
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_device_store_gathers_the_same_batches(seed: int) -> None:
+    """The device-resident path (torch ops on the store's tensors) equals the numpy one, field
+    for field and dtype for dtype (run on CPU here; on a GPU the same code runs there)."""
+    ev, s = random_data(seed)
+    ds = DeviceGatherDataset(to_device(ev, torch.device("cpu")), s, 1, torch.device("cpu"))
+    rng = np.random.default_rng(seed)
+    for max_len in (1, 7, 30, 45):
+        ds.max_len = max_len
+        idx = rng.choice(len(s), size=97, replace=False)
+        got, want = ds[idx], BatchGatherDataset(ev, s, max_len)[idx]
+        for f in FIELDS:
+            a, b = getattr(got, f), getattr(want, f)
+            assert a.dtype == b.dtype and torch.equal(a, b), (f, max_len)
+    assert len(ds) == len(s)
+
+
 def test_dataloader_with_index_batches_covers_the_split() -> None:
     ev, s = random_data(5)
     sampler = IndexBatchSampler(len(s), 64, shuffle=True, seed=1)
@@ -264,3 +283,10 @@ def test_restoring_a_position_of_another_epoch_length_is_refused() -> None:
     state = IndexBatchSampler(103, 10, shuffle=True).state_dict()
     with pytest.raises(ValueError, match=r"11 training batches, this run has 21.*batch_size"):
         IndexBatchSampler(103, 5, shuffle=True).load_state_dict(state)
+
+
+def test_device_store_with_workers_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from seqrank.data.datamodule import SeqDataModule
+
+    with pytest.raises(ValueError, match=r"data\.device_store=true .* data\.num_workers=2 must be 0"):
+        SeqDataModule(None, name="x", processed_dir=tmp_path, device_store=True, num_workers=2)

@@ -99,6 +99,62 @@ class BatchGatherDataset(torch.utils.data.Dataset):
         return to_batch(gather_numpy(self.events, self.samples, idx, self.max_len))
 
 
+def gather_torch(events: dict[str, torch.Tensor], samples: dict[str, torch.Tensor], idx: torch.Tensor,
+                 max_len: int) -> Batch:
+    """`gather_numpy` with torch ops on tensors of any device (the device-resident store): the
+    same arrays, value for value. `events` and `samples` hold the fields of `EventArrays` and
+    `SampleArrays` as tensors; idx is (B,) int64 on their device."""
+    user = samples["user"][idx].long()
+    pos = samples["pos"][idx].long()
+    target = samples["target"][idx].long()
+    start = events["user_offsets"][user] + pos  # (B,) absolute index of the target event
+    steps = torch.arange(max_len, device=idx.device)  # (L,)
+    mask = pos[:, None] - max_len + steps >= 0  # (B, L)
+    absi = torch.where(mask, start[:, None] - max_len + steps, 0)  # (B, L)
+    hist_item = torch.where(mask, events["item"][absi].long(), 0)
+    gap = (events["ts"][start][:, None] - events["ts"][absi]).clamp_min(0)
+    return Batch(
+        user=user,
+        hist_item=hist_item,
+        hist_cate=torch.where(mask, events["item_cate"][hist_item].long(), 0),
+        hist_behavior=torch.where(mask, events["behavior"][absi].long(), 0),
+        hist_gap=torch.where(mask, gap.long(), 0),
+        hist_mask=mask,
+        target_item=target,
+        target_cate=events["item_cate"][target].long(),
+        label=samples["label"][idx].float(),
+        index=idx,
+        pos=pos,
+    )
+
+
+def to_device(arrays: EventArrays | SampleArrays, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each field of the (memory-mapped) arrays as a tensor on `device`, read once."""
+    return {name: torch.from_numpy(np.ascontiguousarray(value)).to(device)
+            for name, value in vars(arrays).items()}
+
+
+class DeviceGatherDataset(torch.utils.data.Dataset):
+    """`BatchGatherDataset` with the store on `device` (e.g. the GPU): the batch is gathered
+    there (`gather_torch`), so only the (B,) indices cross from the host each step."""
+
+    def __init__(self, events: dict[str, torch.Tensor], samples: SampleArrays, max_len: int,
+                 device: torch.device) -> None:
+        if max_len < 1:
+            raise ValueError(f"data.max_len={max_len}; expected an integer >= 1")
+        self.events = events
+        self.samples = to_device(samples, device)
+        self.max_len = max_len
+        self.device = device
+
+    def __len__(self) -> int:
+        return int(self.samples["user"].shape[0])
+
+    def __getitem__(self, idx: np.ndarray) -> Batch:
+        index = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+        return gather_torch(self.events, self.samples, index, self.max_len)
+
+
 class IndexBatchSampler(torch.utils.data.Sampler):
     """Yields index arrays, one per batch; shards batches across distributed ranks itself.
 

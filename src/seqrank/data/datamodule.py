@@ -12,7 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from seqrank.data.batching import BatchGatherDataset, IndexBatchSampler
+from seqrank.data.batching import (
+    BatchGatherDataset,
+    DeviceGatherDataset,
+    IndexBatchSampler,
+    to_device,
+)
 from seqrank.data.errors import ON_BAD_LINE
 from seqrank.data.preprocess import check_protocol, preprocess, preprocess_chunked
 from seqrank.data.store import (
@@ -51,6 +56,10 @@ class SeqDataModule(L.LightningDataModule):
         chunk_rows: sources that can be scanned lazily (`scan(on_bad_line)`, e.g. Taobao) are
             preprocessed out of core in ranges of about this many events, which bounds memory;
             None reads them whole. The store does not depend on it (not in the fingerprint).
+        device_store: hold the store's arrays on the training device (the GPU) and gather
+            batches there, instead of gathering on the host and copying each batch; needs
+            num_workers=0. Batches are the same either way. True = the trainer's device; a
+            device name (`cuda:0`) names it.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class SeqDataModule(L.LightningDataModule):
         on_bad_line: str = "error",
         target_behaviors: list[str] | tuple[str, ...] | None = None,
         chunk_rows: int | None = 2_000_000,
+        device_store: bool | str = False,
     ) -> None:
         super().__init__()
         check_protocol(protocol)
@@ -80,6 +90,11 @@ class SeqDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers}; expected >= 0")
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"data.chunk_rows={chunk_rows!r}; expected an integer >= 1 or null")
+        if device_store and num_workers != 0:
+            raise ValueError(
+                f"data.device_store=true gathers batches on the device in the main process; "
+                f"data.num_workers={num_workers} must be 0 with it"
+            )
         self.source = source
         self.name = name
         self.processed_dir = Path(processed_dir)
@@ -92,6 +107,8 @@ class SeqDataModule(L.LightningDataModule):
         self.on_bad_line = on_bad_line
         self.target_behaviors = target_behavior_ids(target_behaviors, self.behavior_names)
         self.chunk_rows = chunk_rows
+        self.device_store = device_store
+        self._device_events: tuple[torch.device, dict[str, torch.Tensor]] | None = None
         self.store: Store | None = None
 
     @property
@@ -221,7 +238,7 @@ class SeqDataModule(L.LightningDataModule):
         if train:
             self._train_sampler = sampler
         return (ResumableDataLoader if train else DataLoader)(
-            BatchGatherDataset(self.store.events, samples, self.max_len),
+            self._dataset(samples),
             batch_size=None,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -230,6 +247,19 @@ class SeqDataModule(L.LightningDataModule):
             # (dropout's), so a resumed run's draws continue exactly where the checkpoint left them
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _dataset(self, samples: Any) -> torch.utils.data.Dataset:
+        if not self.device_store:
+            return BatchGatherDataset(self.store.events, samples, self.max_len)
+        if isinstance(self.device_store, str):
+            device = torch.device(self.device_store)
+        elif self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        else:
+            device = torch.device("cpu")
+        if self._device_events is None or self._device_events[0] != device:  # events: once per device
+            self._device_events = (device, to_device(self.store.events, device))
+        return DeviceGatherDataset(self._device_events[1], samples, self.max_len, device)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
