@@ -271,6 +271,19 @@ def test_chunked_attention_equals_explicit_math(
         torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.slow
+def test_compiled_encoder_trains_with_dropout() -> None:
+    """Under torch.compile the CPU kernels step aside for SDPA and F.dropout (inductor's RNG)."""
+    torch.manual_seed(0)
+    enc = TransformerEncoder(1, 16, 4, ffn_dim=16, dropout=0.2).train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0] = False  # a sequence without keys
+    y = torch.compile(enc)(x, mask)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and (y[0] == 0).all() and torch.isfinite(x.grad).all()
+
+
 def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ histories or large batches, chunks of samples, and does every (L, L) step of a h
 mask, softmax, dropout, the product with the values, and in the backward pass their
 gradients - while the head's scores are in cache, reading and writing the heads in place. Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in
 memory (21 MB at batch 256, history 50): ten such passes cost more than the attention's
-matrix products, and about as much as the rest of the Transformer. Elsewhere (CUDA) it is
-`F.scaled_dot_product_attention`, whose fused kernels include dropout.
+matrix products, and about as much as the rest of the Transformer. Elsewhere (CUDA, and under
+`torch.compile`) it is `F.scaled_dot_product_attention`, whose fused kernels include dropout.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def attention(
     row_valid = has_key[:, None].expand(B, Lq)  # (B, Lq) ...and is zeroed
     if query_mask is not None:
         row_valid = row_valid & query_mask
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: inductor fuses SDPA
         rows = None if bool(row_valid.all()) else row_valid
         return _ChunkedAttention.apply(q, k, v, attend, rows, dropout, scale)
     y = F.scaled_dot_product_attention(
@@ -229,7 +229,7 @@ class MultiHeadSelfAttention(nn.Module):
         y = self.out(y)  # (B, L, D)
         has_key = mask.any(dim=-1)  # (B,)
         # zeros without keys; on CPU the check is free and BST's target is always a key
-        if x.device.type != "cpu" or not bool(has_key.all()):
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or not bool(has_key.all()):
             y = y * has_key[:, None, None].to(y.dtype)  # (B, L, D)
         return (y, weights) if return_weights else y
 

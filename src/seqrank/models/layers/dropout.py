@@ -62,10 +62,10 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout; on CPU with the 16-bit keep mask above, elsewhere `F.dropout`."""
+    """Inverted dropout; eager on CPU with the 16-bit keep mask above, else `F.dropout`."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor's own RNG
         return F.dropout(x, p, training=True)
     _, scale = keep_threshold(p)
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.dtype), scale)
