@@ -228,14 +228,15 @@ def test_random_bits16_are_uniform_in_every_lane() -> None:
 # --- the CPU attention kernel ------------------------------------------------------------------
 
 
-def _explicit_attention(q, k, v, key_mask, query_mask, p, seed):  # noqa: ANN001, ANN202
+def _explicit_attention(q, k, v, key_mask, query_mask, p, seed, head_major=True):  # noqa: ANN001, ANN202
     """attention() written op by op: explicit weights, the same keep mask (seeded)."""
     w = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
     if p > 0:
         torch.manual_seed(seed)
         threshold, scale = keep_threshold(p)
         B, H, Lq, Lk = w.shape
-        bits = random_bits16((H, B, Lq, Lk)).transpose(0, 1)  # drawn head-major, as the kernel
+        # the kernel draws the mask head-major; the path for tiny score matrices sample-major
+        bits = random_bits16((H, B, Lq, Lk)).transpose(0, 1) if head_major else random_bits16(w.shape)
         w = w * (bits >= threshold).to(w.dtype) * scale
     B, Lq, H, d = q.shape
     return (w @ v.transpose(1, 2)).transpose(1, 2).reshape(B, Lq, H * d)
@@ -243,12 +244,13 @@ def _explicit_attention(q, k, v, key_mask, query_mask, p, seed):  # noqa: ANN001
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("chunk", [1 << 20, 7])  # one chunk / one sample per chunk
+@pytest.mark.parametrize("chunk", [1 << 20, 7, None])  # one chunk / one sample per chunk / tiny path
 @pytest.mark.parametrize("with_query_mask", [False, True])
 def test_chunked_attention_equals_explicit_math(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int, with_query_mask: bool
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int | None, with_query_mask: bool
 ) -> None:
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk)
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
+    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if chunk is None else 0)
     torch.manual_seed(0)
     B, Lq, Lk, H, d = 13, 5, 9, 4, 3
     qkv = torch.randn(B, Lq, 3, H, d, dtype=dtype, requires_grad=True)  # q as a strided view
@@ -260,7 +262,7 @@ def test_chunked_attention_equals_explicit_math(
     query_mask = torch.rand(B, Lq) > 0.2 if with_query_mask else None
     torch.manual_seed(5)
     y = attention(q, k, v, key_mask, query_mask, p)
-    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=chunk is not None)
     tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {}
     torch.testing.assert_close(y, expected, **tol)
     assert (y[0] == 0).all()
@@ -286,6 +288,7 @@ def test_compiled_encoder_trains_with_dropout() -> None:
 
 def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
+    monkeypatch.setattr(attention_module, "TINY_SCORES", 0)
     torch.manual_seed(0)
     q = torch.randn(6, 4, 2, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(6, 5, 2, 3, dtype=torch.float64, requires_grad=True)

@@ -24,6 +24,9 @@ from seqrank.models.layers.dropout import keep_threshold, random_bits16
 # scores of one head per chunk of the CPU path: 2^20 floats = 4 MiB (fewer, larger chunks
 # measured faster than L2-sized ones: per-op overhead outweighs the cache misses)
 CHUNK_SCORES = 1 << 20
+# per-head score matrices up to this size go through plain ops over all heads at once: the
+# kernel's per-head calls would cost more than the work
+TINY_SCORES = 64
 
 
 def attention(
@@ -58,6 +61,10 @@ def attention(
     if query_mask is not None:
         row_valid = row_valid & query_mask
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: inductor fuses SDPA
+        if Lq * k.shape[1] <= TINY_SCORES:  # e.g. one query (ATRank's target): a few ops for all heads
+            weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
+            y = apply_dropout(weights, dropout) @ v.transpose(1, 2)  # (B, H, Lq, d)
+            return y.transpose(1, 2).reshape(B, Lq, H * d)
         rows = None if bool(row_valid.all()) else row_valid
         return _ChunkedAttention.apply(q, k, v, attend, rows, dropout, scale)
     y = F.scaled_dot_product_attention(
