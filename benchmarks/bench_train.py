@@ -9,15 +9,16 @@ Prints, for each model and setting, samples/s of:
              code reads (heads split and concatenated along the batch, masks by `where`)
   ceiling    the step with nothing but its matrix products: every mm/addmm/bmm one training
              step of our model runs (forward and backward, recorded with their shapes and
-             strides; on CUDA also the fused attention kernels) is replayed alone, best of 7,
-             and the times summed; samples/s at that
+             strides; on CUDA also the fused attention kernels) is replayed alone after every
+             timed step of every path, and each product's fastest time, times its count,
+             summed; samples/s at that
              time. GFLOP/s = the step's FLOPs (torch's FlopCounterMode) over that time.
 and the ratios e2e/ceiling, e2e/reference, ceiling/reference (the most any implementation of
 the model could gain over the reference on this machine) and the input pipeline's share of the
 step. Every rate is that of the fastest of the timed steps, and each matrix product of the
-ceiling the fastest of 7 runs spread over the probe: on this VM the same GEMM runs anywhere
-between 80 and 150 GFLOP/s from one 0.2 s window to the next, so the best step is the stable
-statistic; `e2e median` shows the typical step.
+ceiling its fastest run, sampled between those steps: on this VM the same GEMM runs anywhere
+between 80 and 150 GFLOP/s from one 0.2 s window to the next, so best against best, taken in
+the same windows, is the stable comparison; `e2e median` shows the typical step.
 `--embeddings dense sparse` runs each model both with dense embedding gradients and with
 row-wise ones (`sparse_embeddings=True`, lazy Adam on the touched rows; BST only).
 Data: a random store with Electronics shapes (63k items, 801 categories, 192k users).
@@ -235,28 +236,49 @@ def _random_strided(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Te
     return torch.randn(size, dtype=dtype, device=DEVICE).as_strided(shape, stride)
 
 
-def gemm_time(calls: Counter, repeats: int = 7) -> float:
-    """Seconds the recorded matrix products take when each runs alone: sum of count x best time.
+class Ceiling:
+    """The recorded matrix products, replayed alone on random inputs of the same layouts.
 
-    The repeats go round all products in turn, so each product's best is taken over the whole
-    probe (seconds), not over one stretch of the machine's speed. A product that cannot be
-    replayed on random inputs is reported and left out (the ceiling then only rises).
+    `sample()` runs each product once and keeps its fastest time so far; the benchmark calls it
+    between the timed steps of every path (ours, e2e, reference), so the ceiling's times are
+    taken in the same stretches of the machine's speed as the steps they are compared with.
+    `seconds()` = sum over products of count x fastest time. A product that cannot be replayed
+    on random inputs is reported and left out (the ceiling then only rises).
     """
-    runs = []
-    for (func, spec, kwargs), count in calls.items():
-        args = [_random_strided(*a) if isinstance(a, TensorSpec) else a for a in spec]
-        fn = functools.partial(func, *args, **dict(kwargs))
-        try:
-            reps = max(1, int(0.005 / max(timed(fn, 1, warmup=2), 1e-6)))  # ~5 ms per measurement
-        except RuntimeError as e:
-            rich.print(f"[yellow]ceiling: {func} x{count} left out, cannot replay it: {e}")
-            continue
-        runs.append((count, reps, lambda fn=fn, reps=reps: [fn() for _ in range(reps)]))
-    best = [float("inf")] * len(runs)
-    for _ in range(repeats):
-        for i, (_, reps, run) in enumerate(runs):
-            best[i] = min(best[i], timed(run, 1, warmup=0) / reps)
-    return sum(count * t for (count, _, _), t in zip(runs, best))
+
+    def __init__(self, calls: Counter) -> None:
+        self.runs = []
+        for (func, spec, kwargs), count in calls.items():
+            args = [_random_strided(*a) if isinstance(a, TensorSpec) else a for a in spec]
+            fn = functools.partial(func, *args, **dict(kwargs))
+            try:
+                timed(fn, 1, warmup=1)
+            except RuntimeError as e:
+                rich.print(f"[yellow]ceiling: {func} x{count} left out, cannot replay it: {e}")
+                continue
+            self.runs.append((count, fn))
+        self.best = [float("inf")] * len(self.runs)
+
+    def sample(self) -> float:
+        """One pass over the products; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for i, (_, fn) in enumerate(self.runs):
+            self.best[i] = min(self.best[i], timed(fn, 1, warmup=0))
+        return time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        return sum(count * t for (count, _), t in zip(self.runs, self.best))
+
+
+def interleaved(fn, ceiling: Ceiling, steps: int, warmup: int = 3) -> float:  # noqa: ANN001
+    """Fastest seconds per call of fn over `steps` calls, a ceiling pass after each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        times.append(timed(fn, 1, warmup=0))
+        ceiling.sample()
+    return min(times)
 
 
 def record_step(step) -> tuple[float, Counter]:  # noqa: ANN001
@@ -290,9 +312,11 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
         loss.backward()
         opt.step()
 
-    t_compute = timed(step, steps)
+    for _ in range(3):  # warm-up
+        step()
     flops, calls = record_step(step)
-    t_gemm = gemm_time(calls)
+    ceiling = Ceiling(calls)
+    t_compute = interleaved(step, ceiling, steps)
     t_gather = timed(lambda: next(it), steps)
     # end to end through Lightning
     module = RankingModule(build_net(model, schema, hist, sparse), compile=compile,
@@ -300,12 +324,13 @@ def bench(model: str, B: int, hist: int, dm: SeqDataModule, steps: int, precisio
     trainer = L.Trainer(max_steps=steps + 3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator=DEVICE.type, devices=1,
                         precision=precision, use_distributed_sampler=False, num_sanity_val_steps=0)
-    timer = _StepTimer(warmup=3)
+    timer = _StepTimer(warmup=3, ceiling=ceiling)
     trainer.callbacks.append(timer)
     trainer.fit(module, train_dataloaders=loader)
     t_e2e, t_e2e_median = timer.per_step(), timer.per_step(np.median)
     # the plain reference
-    t_ref = timed(reference_step(model, schema, hist, batches[0], precision), steps)
+    t_ref = interleaved(reference_step(model, schema, hist, batches[0], precision), ceiling, steps)
+    t_gemm = ceiling.seconds()
     return {
         "model": model + (" sparse" if sparse else "") + (" compiled" if compile else ""), "batch": B,
         "hist": hist, "e2e": B / t_e2e, "e2e median": B / t_e2e_median, "compute": B / t_compute, "reference": B / t_ref, "ceiling": B / t_gemm,
@@ -340,17 +365,23 @@ def reference_step(model: str, schema, hist: int, batch, precision: str):  # noq
 
 
 class _StepTimer(L.Callback):
-    """Time from one batch start to the next: fetching the batch, the step and all hooks."""
+    """Time from one batch start to the next: fetching the batch, the step and all hooks; a
+    ceiling pass runs after each step, its time taken out."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.starts = warmup, []
+    def __init__(self, warmup: int, ceiling: Ceiling) -> None:
+        self.warmup, self.ceiling, self.starts, self.excluded = warmup, ceiling, [], []
 
     def on_train_batch_start(self, *args) -> None:  # noqa: ANN002
         sync()
         self.starts.append(time.perf_counter())
 
+    def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
+        sync()
+        self.excluded.append(self.ceiling.sample() if len(self.starts) > self.warmup else 0.0)
+
     def per_step(self, stat=np.min) -> float:  # noqa: ANN001
-        return float(stat(np.diff(self.starts[self.warmup :])))
+        steps = np.diff(self.starts) - np.asarray(self.excluded[: len(self.starts) - 1])
+        return float(stat(steps[self.warmup :]))
 
 
 def main() -> None:
