@@ -10,15 +10,15 @@ Prints, for each model and setting, samples/s of:
   ceiling    the step with nothing but its matrix products: every mm/addmm/bmm one training
              step of our model runs (forward and backward, recorded with their shapes and
              strides; on CUDA also the fused attention kernels) is replayed alone after every
-             timed step of every path, and each product's fastest time, times its count,
-             summed; samples/s at that
+             timed step of every path, each once, times its count: the fastest such pass;
+             samples/s at that
              time. GFLOP/s = the step's FLOPs (torch's FlopCounterMode) over that time.
 and the ratios e2e/ceiling, e2e/reference, ceiling/reference (the most any implementation of
 the model could gain over the reference on this machine) and the input pipeline's share of the
-step. Every rate is that of the fastest of the timed steps, and each matrix product of the
-ceiling its fastest run, sampled between those steps: on this VM the same GEMM runs anywhere
-between 80 and 150 GFLOP/s from one 0.2 s window to the next, so best against best, taken in
-the same windows, is the stable comparison; `e2e median` shows the typical step.
+step. Every rate is that of the fastest of the timed steps, and the ceiling's the fastest of
+its passes, sampled between those steps: on this VM the same GEMM runs anywhere between 80 and
+150 GFLOP/s from one 0.2 s window to the next, so best against best, taken in the same
+windows, is the stable comparison; `e2e median` shows the typical step.
 `--embeddings dense sparse` runs each model both with dense embedding gradients and with
 row-wise ones (`sparse_embeddings=True`, lazy Adam on the touched rows; BST only).
 Data: a random store with Electronics shapes (63k items, 801 categories, 192k users).
@@ -239,11 +239,12 @@ def _random_strided(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Te
 class Ceiling:
     """The recorded matrix products, replayed alone on random inputs of the same layouts.
 
-    `sample()` runs each product once and keeps its fastest time so far; the benchmark calls it
-    between the timed steps of every path (ours, e2e, reference), so the ceiling's times are
-    taken in the same stretches of the machine's speed as the steps they are compared with.
-    `seconds()` = sum over products of count x fastest time. A product that cannot be replayed
-    on random inputs is reported and left out (the ceiling then only rises).
+    `sample()` is one pass: each product runs once, and the pass's ceiling time is the sum of
+    count x its time. The benchmark samples a pass after every timed step of every path (ours,
+    e2e, reference), so passes and steps see the same stretches of the machine's speed, and
+    `seconds()` is the fastest pass - compared with the fastest step (a sum of per-product
+    bests would be faster than any pass the machine ever ran). A product that cannot be
+    replayed on random inputs is reported and left out (the ceiling then only rises).
     """
 
     def __init__(self, calls: Counter) -> None:
@@ -257,17 +258,16 @@ class Ceiling:
                 rich.print(f"[yellow]ceiling: {func} x{count} left out, cannot replay it: {e}")
                 continue
             self.runs.append((count, fn))
-        self.best = [float("inf")] * len(self.runs)
+        self.best = float("inf")
 
     def sample(self) -> float:
         """One pass over the products; returns the seconds it took."""
         t0 = time.perf_counter()
-        for i, (_, fn) in enumerate(self.runs):
-            self.best[i] = min(self.best[i], timed(fn, 1, warmup=0))
+        self.best = min(self.best, sum(count * timed(fn, 1, warmup=0) for count, fn in self.runs))
         return time.perf_counter() - t0
 
     def seconds(self) -> float:
-        return sum(count * t for (count, _), t in zip(self.runs, self.best))
+        return self.best
 
 
 def interleaved(fn, ceiling: Ceiling, steps: int, warmup: int = 3) -> float:  # noqa: ANN001

@@ -104,7 +104,7 @@ def test_ceiling_records_every_matrix_product_of_a_step() -> None:
     ceiling.sample()
     first = ceiling.seconds()
     ceiling.sample()
-    assert 0 < ceiling.seconds() <= first < 0.1  # the fastest run of each product
+    assert 0 < ceiling.seconds() <= first < 0.1  # the fastest pass
 
 
 @pytest.mark.parametrize(("model", "device_store"), [("bst", False), ("atrank", False), ("bst", True)])
