@@ -1,6 +1,6 @@
 """Model-agnostic building blocks: attention, Transformer, MLP, time-gap embeddings."""
 
-from seqrank.models.layers.attention import MultiHeadSelfAttention, attention, attention_weights
+from seqrank.models.layers.attention import MultiHeadSelfAttention
 from seqrank.models.layers.dropout import Dropout
 from seqrank.models.layers.mlp import MLP, make_activation
 from seqrank.models.layers.time import TimeBucketEmbedding, log2_time_bucket
@@ -13,8 +13,6 @@ __all__ = [
     "TimeBucketEmbedding",
     "TransformerBlock",
     "TransformerEncoder",
-    "attention",
-    "attention_weights",
     "log2_time_bucket",
     "make_activation",
 ]
