@@ -17,10 +17,14 @@ from torch import Tensor, nn
 from seqrank.data.types import Batch, Schema
 from seqrank.models.layers.attention import attention, attention_weights
 from seqrank.models.layers.dropout import dropout as apply_dropout
+from seqrank.models.layers.ragged import batch_groups, inverse_permutation
 from seqrank.models.layers.time import log2_time_bucket
 
 TIME_MODES = ("concat", "add")
 GROUP_BYS = ("item", "behavior")
+# what running one more length group costs, in history positions (a position: ~0.27 MFLOP of a
+# training step at paper settings, ~2 us on a 2-core CPU; a group: ~200 more op calls, ~3 ms)
+GROUP_COST_TOKENS = 1024
 
 
 def _glorot_(weight: Tensor, fan_in: int, fan_out: int) -> None:
@@ -277,6 +281,9 @@ class ATRank(nn.Module):
         group_by: "item" or "behavior".
         use_actions: whether to embed the action type (only with more than one behaviour).
         l2_reg: rate of the L2 penalty on the user and target vectors (see `regularization`).
+        length_groups: run each batch as up to this many groups of similar history length,
+            each cut to its own longest history, so padding costs no FLOPs (the same outputs
+            and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
 
     Raises:
         ValueError: on an invalid hyperparameter, naming it, its value and what is allowed.
@@ -297,6 +304,7 @@ class ATRank(nn.Module):
         group_by: str = "item",
         use_actions: bool = True,
         l2_reg: float = 5e-5,
+        length_groups: int = 4,
     ) -> None:
         super().__init__()
         _check(embed_dim >= 2, "embed_dim", embed_dim, "an integer >= 2")
@@ -313,6 +321,7 @@ class ATRank(nn.Module):
         _check(time_mode in TIME_MODES, "time_mode", time_mode, f"one of {TIME_MODES}")
         _check(group_by in GROUP_BYS, "group_by", group_by, f"one of {GROUP_BYS}")
         _check(l2_reg >= 0, "l2_reg", l2_reg, "a float >= 0")
+        _check(length_groups >= 0, "length_groups", length_groups, "an integer >= 0")
         _check(
             schema.num_behaviors >= 2,
             "schema.num_behaviors",
@@ -324,6 +333,8 @@ class ATRank(nn.Module):
         self.time_unit_seconds = time_unit_seconds
         self.group_by = group_by
         self.l2_reg = l2_reg
+        self.length_groups = length_groups
+        self.group_cost = GROUP_COST_TOKENS
         # Amazon has a single action: there is nothing for an action lookup to tell apart
         self.use_actions = use_actions and schema.num_behaviors > 2
         self.num_groups = 1 if group_by == "item" else schema.num_behaviors - 1
@@ -372,6 +383,34 @@ class ATRank(nn.Module):
             (B,) logits; with return_attention also {"self": [(B, H, L, L)] per block,
             "target": (B, L) vanilla attention of the last block, averaged over heads}.
         """
+        if not return_attention and self.length_groups and not torch.compiler.is_compiling():
+            split = batch_groups(batch, self.max_len, self.length_groups, self.group_cost)
+            if split is not None:  # compiled: static shapes, the padded batch
+                return self.forward_groups(batch, *split)
+        L = min(batch.hist_item.shape[1], self.max_len)
+        item, cate, bucket, action, group, mask = self.history(batch)  # (B, L) each
+        # history and candidates in one lookup per table: one dense gradient per table
+        obj = self.behaviors.objects(
+            torch.cat([item, batch.target_item[:, None]], dim=1),
+            torch.cat([cate, batch.target_cate[:, None]], dim=1),
+        )  # (B, L+1, 2E)
+        h = self.behaviors(obj[:, :L], bucket, action, group)  # (B, L, D)
+        target = self.embed_target(obj[:, L])  # (B, D)
+        u, stt, att = self.attend(h, mask, target, return_attention)  # (B, D)
+
+        self._user, self._target = u, target
+        logits = self.item_bias[batch.target_item] + (u * target).sum(-1)  # (B,)
+        if return_attention:
+            return logits, {"self": stt, "target": att.mean(dim=1).squeeze(1)}  # (B, L)
+        return logits
+
+    def history(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """The history's ids, cut to the most recent max_len events.
+
+        Returns:
+            (B, L) item, category, time bucket, action (None without actions), group index and
+            bool mask, L = min(L_in, max_len).
+        """
         L = min(batch.hist_item.shape[1], self.max_len)
         item, cate = batch.hist_item[:, -L:], batch.hist_cate[:, -L:]  # (B, L): most recent
         behavior, mask = batch.hist_behavior[:, -L:], batch.hist_mask[:, -L:]  # (B, L)
@@ -383,31 +422,65 @@ class ATRank(nn.Module):
         else:
             group = (behavior - 1).clamp(0, self.num_groups - 1)  # (B, L); pads masked anyway
         action = behavior if self.use_actions else None
-        # history and candidates in one lookup per table: one dense gradient per table
-        obj = self.behaviors.objects(
-            torch.cat([item, batch.target_item[:, None]], dim=1),
-            torch.cat([cate, batch.target_cate[:, None]], dim=1),
-        )  # (B, L+1, 2E)
-        h = self.behaviors(obj[:, :L], bucket, action, group)  # (B, L, D)
+        return item, cate, bucket, action, group, mask
 
+    def attend(
+        self, h: Tensor, mask: Tensor, target: Tensor, return_attention: bool = False
+    ) -> tuple[Tensor, list[Tensor | None], Tensor | None]:
+        """Self-attention over the behaviours, then the vanilla attention from the target.
+
+        Args:
+            h: (B, L, D) projected behaviours; mask: (B, L) bool; target: (B, D).
+
+        Returns:
+            (B, D) user vectors (zero without behaviours), the self-attention weights per block
+            and the (B, H, 1, L) target attention of the last block (None unless asked).
+        """
         stt = []
         for block in self.self_blocks:  # self-attention in K latent spaces
             h, w = block(h, mask, h, mask, return_attention)  # (B, L, D), (B, H, L, L)
             stt.append(w)
-
-        target = self.embed_target(obj[:, L])  # (B, D)
         u = target[:, None]  # (B, 1, D)
         one = torch.ones_like(mask[:, :1])  # (B, 1)
         for block in self.target_blocks:  # vanilla attention from the target
             u, att = block(u, one, h, mask, return_attention)  # (B, 1, D), (B, H, 1, L)
         has_history = mask.any(dim=1, keepdim=True)  # (B, 1)
-        u = u.squeeze(1) * has_history  # (B, D): no behaviours, no user vector
+        return u.squeeze(1) * has_history, stt, att  # (B, D): no behaviours, no user vector
 
+    def forward_groups(
+        self, batch: Batch, groups: list[tuple[Batch, int]], order: Tensor
+    ) -> Tensor:
+        """`forward` on length groups: one lookup and projection over the behaviours of every
+        group, the attention per group at its own history length.
+
+        Args:
+            batch: the whole batch; groups: [(group batch, history length)]; order: (B,) rows
+                of the batch, group by group (`batch_groups`).
+
+        Returns:
+            (B,) logits in batch order.
+        """
+        parts = [self.history(sub) for sub, _ in groups]  # (n, L) each
+        sizes = [p[0].numel() for p in parts]
+
+        def flat(k: int) -> Tensor | None:  # field k of every group as one (1, T) row
+            return None if parts[0][k] is None else torch.cat([p[k].reshape(-1) for p in parts])[None]
+
+        obj = self.behaviors.objects(
+            torch.cat([flat(0)[0], batch.target_item[order]]),
+            torch.cat([flat(1)[0], batch.target_cate[order]]),
+        )  # (T + B, 2E)
+        h = self.behaviors(obj[None, : sum(sizes)], flat(2), flat(3), flat(4))[0]  # (T, D)
+        target = self.embed_target(obj[sum(sizes) :])  # (B, D) in group order
+        users = []
+        for h_g, t_g, (*_, mask) in zip(
+            h.split(sizes), target.split([len(sub) for sub, _ in groups]), parts, strict=True
+        ):
+            users.append(self.attend(h_g.view(*mask.shape, -1), mask, t_g)[0])  # (n, D)
+        u = torch.cat(users)  # (B, D) in group order
         self._user, self._target = u, target
-        logits = self.item_bias[batch.target_item] + (u * target).sum(-1)  # (B,)
-        if return_attention:
-            return logits, {"self": stt, "target": att.mean(dim=1).squeeze(1)}  # (B, L)
-        return logits
+        score = (u * target).sum(-1)[inverse_permutation(order)]  # (B,) in batch order
+        return self.item_bias[batch.target_item] + score
 
     def regularization(self) -> Tensor:
         """L2 penalty of the last forward: l2_reg * (|u|^2 + |v|^2) / 2, averaged over the batch.

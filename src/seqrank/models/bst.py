@@ -12,8 +12,12 @@ from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
 from seqrank.models.layers import MLP, TimeBucketEmbedding, TransformerEncoder
+from seqrank.models.layers.ragged import batch_groups, inverse_permutation, right_aligned_linear
 
 POOLINGS = ("concat", "target", "mean")
+# what running one more length group costs, in tokens (a token: ~1.4 MFLOP of a training step at
+# paper settings; a group: ~150 more op calls forward and backward, ~2 ms on a 2-core CPU)
+GROUP_COST_TOKENS = 256
 
 
 class BST(nn.Module):
@@ -46,6 +50,9 @@ class BST(nn.Module):
         sparse_embeddings: the item, category and user tables produce sparse gradients holding
             only the rows in the batch (`nn.Embedding(sparse=True)`); train with
             `seqrank.optim.Adam`, which then updates only those rows (lazy Adam).
+        length_groups: run each batch as up to this many groups of similar history length,
+            each cut to its own longest history, so padding costs no FLOPs (the same outputs
+            and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
 
     Raises:
         ValueError: for a hyperparameter out of range or heads not dividing d_model.
@@ -70,6 +77,7 @@ class BST(nn.Module):
         mlp_dropout: float = 0.0,
         init_std: float = 0.1,
         sparse_embeddings: bool = False,
+        length_groups: int = 4,
     ) -> None:
         super().__init__()
         d_model = 2 * embed_dim
@@ -88,11 +96,16 @@ class BST(nn.Module):
             f"mlp_dropout must be in [0, 1), got mlp_dropout={mlp_dropout}",
         )
         _check(pooling in POOLINGS, f"pooling={pooling!r} must be one of {POOLINGS}")
+        _check(
+            length_groups >= 0, f"length_groups must be >= 0, got length_groups={length_groups}"
+        )
         ffn_dim = d_model if ffn_dim is None else ffn_dim
         _check(ffn_dim >= 1, f"ffn_dim must be >= 1, got ffn_dim={ffn_dim}")
         self.d_model = d_model
         self.max_len = max_len
         self.pooling = pooling
+        self.length_groups = length_groups
+        self.group_cost = GROUP_COST_TOKENS
         self.num_behaviors = schema.num_behaviors
 
         # embedding layer (paper section 2.1): item and category, concatenated
@@ -147,6 +160,9 @@ class BST(nn.Module):
         Returns:
             (B,) logits (no sigmoid).
         """
+        split = self.split(batch)
+        if split is not None:
+            return self.forward_groups(*split)
         x, mask = self.embed_sequence(batch)  # (B, L+1, D), (B, L+1)
         x = self.encoder(x, mask)  # (B, L+1, D), zeros where padded
         z = self.pool(x, mask)  # (B, P)
@@ -154,19 +170,55 @@ class BST(nn.Module):
             z = torch.cat([z, self.user_emb(batch.user)], dim=-1)  # (B, P + E)
         return self.mlp(z).squeeze(-1).float()  # (B,), float32 also under autocast
 
+    def split(self, batch: Batch) -> tuple[list[tuple[Batch, int]], Tensor] | None:
+        """The batch's length groups (`layers.ragged.batch_groups`), or None to run it whole."""
+        if not self.length_groups or torch.compiler.is_compiling():  # compiled: static shapes
+            return None
+        return batch_groups(batch, self.max_len, self.length_groups, self.group_cost, extra=1)
+
+    def forward_groups(self, groups: list[tuple[Batch, int]], order: Tensor) -> Tensor:
+        """`forward` on length groups: one lookup per table over the tokens of every group, the
+        encoder per group at its own length, BST's flattened sequences of different lengths
+        into the first MLP layer as right-aligned columns (the zeros of the padding skipped).
+
+        Args:
+            groups: [(group batch, history length)]; order: (B,) rows of the batch, group by
+                group (`batch_groups`).
+
+        Returns:
+            (B,) logits in batch order.
+        """
+        tokens = [self.sequence_tokens(sub) for sub, _ in groups]  # (n, L+1) each
+        flat = [torch.cat([t[k].reshape(-1) for t in tokens]) for k in range(4)]  # (T,) each
+        xs = self.embed_tokens(*flat).split([t[0].numel() for t in tokens])  # (n * (L+1), D)
+        zs = []
+        for x, (*_, mask), (sub, _) in zip(xs, tokens, groups, strict=True):
+            x = self.encoder(x.view(*mask.shape, -1), mask)  # (n, L+1, D), zeros where padded
+            z = x.flatten(1) if self.pooling == "concat" else self.pool(x, mask)  # (n, P_g)
+            if self.user_emb is not None:
+                z = torch.cat([z, self.user_emb(sub.user)], dim=-1)  # (n, P_g + E)
+            zs.append(z)
+        if self.pooling == "concat":  # P_g = (L+1) * D: the last columns of the padded input
+            first, rest = self.mlp.net[0], self.mlp.net[1:]
+            h = rest(right_aligned_linear(zs, first.weight, first.bias))  # (B, 1)
+        else:
+            h = self.mlp(torch.cat(zs))  # (B, 1)
+        return h.squeeze(-1).float()[inverse_permutation(order)]  # (B,) in batch order
+
     def embed_items(self, item: Tensor, cate: Tensor) -> Tensor:
         """(...) item and category ids -> (..., D) embeddings [item; category]."""
         return torch.cat([self.item_emb(item), self.cate_emb(cate)], dim=-1)
 
-    def embed_sequence(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The paper's embedding layer: history + target, each plus its position.
+    def sequence_tokens(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The ids of the sequence: history + target, and its mask.
 
         Args:
             batch: a `Batch` with histories of length L_in.
 
         Returns:
-            (B, L+1, D) embeddings with the target at position L, L = min(L_in, max_len),
-            and the (B, L+1) bool mask of valid positions (the target is always valid).
+            (B, L+1) item, category, time gap and behaviour ids with the target at position L
+            (gap 0, behaviour "candidate"), L = min(L_in, max_len), and the (B, L+1) bool mask
+            of valid positions (the target is always valid).
         """
         L_in = batch.hist_item.shape[1]
         start = max(L_in - self.max_len, 0)  # left-padded: the last positions are the most recent
@@ -178,17 +230,36 @@ class BST(nn.Module):
             batch.hist_mask,
         )
         item, cate, behavior, gap, mask = (t[:, start:] for t in padded)  # (B, L) each
-        # one lookup per table for history and target: one backward pass over each table
         item = torch.cat([item, batch.target_item[:, None]], dim=1)  # (B, L+1)
         cate = torch.cat([cate, batch.target_cate[:, None]], dim=1)  # (B, L+1)
-        x = self.embed_items(item, cate)  # (B, L+1, D), the target at position L
         # pos(v_i) = t(v_t) - t(v_i): the paper found this beats sin/cos positions; target: 0
-        x = x + self.time_emb(F.pad(gap, (0, 1), value=0))  # (B, L+1, D)
-        if self.behavior_emb is not None:
-            # the target is a candidate, not an observed behaviour: it gets its own id
-            x = x + self.behavior_emb(F.pad(behavior, (0, 1), value=self.num_behaviors))
+        gap = F.pad(gap, (0, 1), value=0)  # (B, L+1)
+        # the target is a candidate, not an observed behaviour: it gets its own id
+        behavior = F.pad(behavior, (0, 1), value=self.num_behaviors)  # (B, L+1)
         target_valid = torch.ones(len(batch), 1, dtype=torch.bool, device=mask.device)  # (B, 1)
-        return x, torch.cat([mask.bool(), target_valid], dim=1)  # (B, L+1, D), (B, L+1)
+        return item, cate, gap, behavior, torch.cat([mask.bool(), target_valid], dim=1)
+
+    def embed_tokens(self, item: Tensor, cate: Tensor, gap: Tensor, behavior: Tensor) -> Tensor:
+        """(...) ids of `sequence_tokens` -> (..., D) embeddings, each plus its position."""
+        x = self.embed_items(item, cate)  # (..., D)
+        x = x + self.time_emb(gap)  # (..., D)
+        if self.behavior_emb is not None:
+            x = x + self.behavior_emb(behavior)
+        return x
+
+    def embed_sequence(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The paper's embedding layer: history + target, each plus its position.
+
+        Args:
+            batch: a `Batch` with histories of length L_in.
+
+        Returns:
+            (B, L+1, D) embeddings with the target at position L, L = min(L_in, max_len),
+            and the (B, L+1) bool mask of valid positions (the target is always valid).
+        """
+        *ids, mask = self.sequence_tokens(batch)  # (B, L+1) each
+        # one lookup per table for history and target: one backward pass over each table
+        return self.embed_tokens(*ids), mask  # (B, L+1, D), (B, L+1)
 
     def pool(self, x: Tensor, mask: Tensor) -> Tensor:
         """Turn the Transformer outputs into one vector per sample.

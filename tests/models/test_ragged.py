@@ -1,0 +1,169 @@
+"""Length groups (seqrank.models.layers.ragged): the plan, the right-aligned first layer, and
+BST / ATRank computing the same outputs and gradients with and without groups."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqrank.models.atrank import ATRank
+from seqrank.models.bst import BST
+from seqrank.models.layers.ragged import (
+    batch_groups,
+    history_spans,
+    inverse_permutation,
+    plan_groups,
+    right_aligned_linear,
+)
+
+
+def _cost(spans: np.ndarray, groups: list[tuple[np.ndarray, int]], group_cost: float, extra: int) -> float:
+    return sum(len(rows) * (length + extra) + group_cost for rows, length in groups)
+
+
+def _brute_force(spans: np.ndarray, max_groups: int, group_cost: float, extra: int) -> float:
+    """Cheapest split into at most max_groups runs of the sorted distinct lengths."""
+    values = np.unique(spans)[::-1]
+    best = float("inf")
+    for g in range(1, min(max_groups, len(values)) + 1):
+        for cuts in itertools.combinations(range(1, len(values)), g - 1):
+            bounds = (0, *cuts, len(values))
+            cost = 0.0
+            for i, j in itertools.pairwise(bounds):
+                n = int(np.isin(spans, values[i:j]).sum())
+                cost += n * (values[i] + extra) + group_cost
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_covers_every_row_once_and_is_optimal(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    spans = np.minimum(rng.pareto(1.5, size=200).astype(np.int64) + 1, 30)
+    for max_groups, group_cost, extra in ((1, 0, 0), (2, 10, 1), (3, 50, 0), (4, 5, 1)):
+        groups = plan_groups(spans, max_groups, group_cost, extra)
+        rows = np.concatenate([r for r, _ in groups])
+        assert sorted(rows.tolist()) == list(range(len(spans)))  # each row exactly once
+        assert len(groups) <= max_groups
+        lengths = [length for _, length in groups]
+        assert lengths == sorted(lengths, reverse=True)  # longest first
+        for r, length in groups:
+            assert (spans[r] <= length).all() and length == spans[r].max()
+        assert _cost(spans, groups, group_cost, extra) == pytest.approx(
+            _brute_force(spans, max_groups, group_cost, extra)
+        )
+
+
+def test_plan_extremes() -> None:
+    spans = np.array([1, 1, 2, 5, 5, 9])
+    assert [length for _, length in plan_groups(spans, 8, 0)] == [9, 5, 2, 1]  # free groups
+    assert [length for _, length in plan_groups(spans, 8, 1e9)] == [9]  # one group
+    assert plan_groups(np.array([3]), 4, 0)[0][1] == 3
+
+
+def test_history_spans_cover_every_real_event() -> None:
+    mask = torch.tensor(
+        [[0, 0, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool
+    )
+    assert history_spans(mask).tolist() == [2, 1, 4, 1, 4]
+
+
+def test_inverse_permutation() -> None:
+    order = torch.tensor([3, 0, 4, 1, 2])
+    inv = inverse_permutation(order)
+    assert torch.equal(order[inv], torch.arange(5)) and torch.equal(inv[order], torch.arange(5))
+
+
+def test_right_aligned_linear_is_the_zero_padded_product() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(n, k, dtype=torch.float64, requires_grad=True) for n, k in ((3, 12), (4, 7), (2, 3))]
+    got = right_aligned_linear(xs, w, b)  # (9, 5)
+    padded = torch.cat([F.pad(x, (12 - x.shape[1], 0)) for x in xs])  # zeros on the left
+    torch.testing.assert_close(got, F.linear(padded, w, b), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda w, b, *xs: right_aligned_linear(list(xs), w, b), (w, b, *xs))
+    # columns no input reaches (narrower inputs only) get zero weight gradient
+    right_aligned_linear(xs[1:], w, None).sum().backward()
+    assert torch.all(w.grad[:, :5] == 0) and torch.all(w.grad[:, 5:] != 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        right_aligned_linear([torch.randn(2, 13, dtype=torch.float64)], w, b)
+
+
+def _skewed_lengths(B: int, L: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.rand(B, generator=g) ** 4 * (L + 1)).long().clamp(max=L)  # mostly short
+    lengths[:3] = torch.tensor([0, 1, L])
+    return lengths
+
+
+def _same_outputs_and_gradients(model, batch, **loss_kwargs) -> None:  # noqa: ANN001
+    """The model with length groups (every split allowed: group_cost 0) against length_groups=0."""
+    padded = copy.deepcopy(model)
+    padded.length_groups = 0
+    model.group_cost = 0
+    assert batch_groups(batch, model.max_len, model.length_groups, 0) is not None  # really split
+    weights = torch.arange(len(batch), dtype=torch.float64)
+    for m in (model, padded):
+        y = m(batch)
+        loss = (y * weights).sum() + (m.regularization() if hasattr(m, "regularization") else 0)
+        loss.backward()
+        m.logits = y.detach()
+    torch.testing.assert_close(model.logits, padded.logits, rtol=0, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), padded.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pooling": "concat"},
+        {"pooling": "concat", "use_user": True, "num_layers": 2},
+        {"pooling": "mean", "use_user": True},
+        {"pooling": "target"},
+    ],
+)
+def test_bst_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
+    torch.manual_seed(0)
+    model = BST(taobao_schema, embed_dim=8, num_heads=2, max_len=10, mlp_dims=(32, 16),
+                dropout=0.0, length_groups=3, **kwargs).double()
+    batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 1))
+    _same_outputs_and_gradients(model, batch)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"group_by": "behavior"}, {"time_mode": "add"}, {"use_actions": False, "num_layers": 2}],
+)
+def test_atrank_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
+    torch.manual_seed(0)
+    model = ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4,
+                   **kwargs).double()
+    batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 2))
+    _same_outputs_and_gradients(model, batch)
+
+
+@pytest.mark.parametrize("cls", [BST, ATRank])
+def test_default_groups_split_a_skewed_batch_and_not_a_full_one(schema, make_batch, cls) -> None:
+    """With the default group cost, a large batch of mostly short histories is split, one of
+    full histories is not (groups only where they pay)."""
+    model = cls(schema, max_len=50)
+    short = make_batch(schema, B=1024, L=50, seed=0, lengths=_skewed_lengths(1024, 50, 0))
+    split = batch_groups(short, 50, model.length_groups, model.group_cost)
+    assert split is not None and 2 <= len(split[0]) <= model.length_groups
+    full = make_batch(schema, B=1024, L=50, seed=0, lengths=torch.full((1024,), 50))
+    assert batch_groups(full, 50, model.length_groups, model.group_cost) is None
+
+
+@pytest.mark.parametrize("cls", [BST, ATRank])
+def test_length_groups_must_be_non_negative(schema, cls) -> None:
+    with pytest.raises(ValueError, match="length_groups"):
+        cls(schema, length_groups=-1)
