@@ -167,3 +167,15 @@ def test_default_groups_split_a_skewed_batch_and_not_a_full_one(schema, make_bat
 def test_length_groups_must_be_non_negative(schema, cls) -> None:
     with pytest.raises(ValueError, match="length_groups"):
         cls(schema, length_groups=-1)
+
+
+def test_right_aligned_linear_computes_in_the_autocast_dtype() -> None:
+    """Like nn.Linear under autocast (its out= products would otherwise stay in float32)."""
+    w = torch.randn(4, 6, requires_grad=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = right_aligned_linear([x], w, None)
+        assert y.dtype == F.linear(x, w).dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == x.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), x @ w[:, 1:].T, rtol=2e-2, atol=2e-2)

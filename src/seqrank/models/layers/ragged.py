@@ -160,7 +160,10 @@ class RightAlignedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor | None, *xs: Tensor) -> Tensor:  # noqa: ANN001
-        dtype = xs[0].dtype
+        # the dtype nn.Linear would compute in (autocast does not reach the out= products below)
+        device = xs[0].device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs[0].dtype
+        xs = tuple(x.to(dtype) for x in xs)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         out = xs[0].new_empty(sum(len(x) for x in xs), weight.shape[0])  # (N, out)
