@@ -186,12 +186,17 @@ class RightAlignedLinear(torch.autograd.Function):
         K = w.shape[1]
         dw = db = None
         if ctx.needs_input_grad[0]:
-            dw = w.new_zeros(w.shape)  # (out, K)
-            r = 0
-            for x in xs:
-                g = grad[r : r + len(x)]
-                dw[:, K - x.shape[1] :].addmm_(g.t(), x)  # (out, k)
-                r += len(x)
+            # the widest input writes its columns, the others add to theirs; only the columns
+            # left of the widest are zeroed (a full zero fill is a pass over the whole weight)
+            widest = max(range(len(xs)), key=lambda i: xs[i].shape[1])
+            k_max = xs[widest].shape[1]
+            dw = w.new_empty(w.shape)  # (out, K)
+            dw[:, : K - k_max].zero_()
+            starts = np.cumsum([0, *(len(x) for x in xs)])
+            for i in (widest, *(i for i in range(len(xs)) if i != widest)):
+                g, x = grad[starts[i] : starts[i + 1]], xs[i]
+                beta = 0.0 if i == widest else 1.0
+                dw[:, K - x.shape[1] :].addmm_(g.t(), x, beta=beta)  # (out, k)
             dw = dw.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             db = grad.sum(0).to(ctx.weight_dtype)
