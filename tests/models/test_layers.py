@@ -269,7 +269,7 @@ def test_chunked_attention_equals_explicit_math(
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (qkv, k, v), g)
     expected_grads = torch.autograd.grad(expected, (qkv, k, v), g)
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, **tol)
 
 

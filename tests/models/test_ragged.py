@@ -22,7 +22,9 @@ from seqrank.models.layers.ragged import (
 )
 
 
-def _cost(spans: np.ndarray, groups: list[tuple[np.ndarray, int]], group_cost: float, extra: int) -> float:
+def _cost(
+    spans: np.ndarray, groups: list[tuple[np.ndarray, int]], group_cost: float, extra: int
+) -> float:
     return sum(len(rows) * (length + extra) + group_cost for rows, length in groups)
 
 
@@ -83,11 +85,16 @@ def test_right_aligned_linear_is_the_zero_padded_product() -> None:
     torch.manual_seed(0)
     w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    xs = [torch.randn(n, k, dtype=torch.float64, requires_grad=True) for n, k in ((3, 12), (4, 7), (2, 3))]
+    xs = [
+        torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+        for n, k in ((3, 12), (4, 7), (2, 3))
+    ]
     got = right_aligned_linear(xs, w, b)  # (9, 5)
     padded = torch.cat([F.pad(x, (12 - x.shape[1], 0)) for x in xs])  # zeros on the left
     torch.testing.assert_close(got, F.linear(padded, w, b), rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda w, b, *xs: right_aligned_linear(list(xs), w, b), (w, b, *xs))
+    assert torch.autograd.gradcheck(
+        lambda w, b, *xs: right_aligned_linear(list(xs), w, b), (w, b, *xs)
+    )
     # columns no input reaches (narrower inputs only) get zero weight gradient
     right_aligned_linear(xs[1:], w, None).sum().backward()
     assert torch.all(w.grad[:, :5] == 0) and torch.all(w.grad[:, 5:] != 0)
@@ -133,8 +140,16 @@ def _same_outputs_and_gradients(model, batch, **loss_kwargs) -> None:  # noqa: A
 )
 def test_bst_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
     torch.manual_seed(0)
-    model = BST(taobao_schema, embed_dim=8, num_heads=2, max_len=10, mlp_dims=(32, 16),
-                dropout=0.0, length_groups=3, **kwargs).double()
+    model = BST(
+        taobao_schema,
+        embed_dim=8,
+        num_heads=2,
+        max_len=10,
+        mlp_dims=(32, 16),
+        dropout=0.0,
+        length_groups=3,
+        **kwargs,
+    ).double()
     batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 1))
     _same_outputs_and_gradients(model, batch)
 
@@ -145,8 +160,9 @@ def test_bst_groups_compute_the_padded_function(taobao_schema, make_batch, kwarg
 )
 def test_atrank_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
     torch.manual_seed(0)
-    model = ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4,
-                   **kwargs).double()
+    model = ATRank(
+        taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4, **kwargs
+    ).double()
     batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 2))
     _same_outputs_and_gradients(model, batch)
 

@@ -162,7 +162,9 @@ class RightAlignedLinear(torch.autograd.Function):
     def forward(ctx, weight: Tensor, bias: Tensor | None, *xs: Tensor) -> Tensor:  # noqa: ANN001
         # the dtype nn.Linear would compute in (autocast does not reach the out= products below)
         device = xs[0].device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs[0].dtype
+        dtype = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs[0].dtype
+        )
         xs = tuple(x.to(dtype) for x in xs)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
