@@ -383,9 +383,10 @@ class ATRank(nn.Module):
             (B,) logits; with return_attention also {"self": [(B, H, L, L)] per block,
             "target": (B, L) vanilla attention of the last block, averaged over heads}.
         """
+        # length groups; not for attention plots, nor compiled (static shapes: the padded batch)
         if not return_attention and self.length_groups and not torch.compiler.is_compiling():
             split = batch_groups(batch, self.max_len, self.length_groups, self.group_cost)
-            if split is not None:  # compiled: static shapes, the padded batch
+            if split is not None:
                 return self.forward_groups(batch, *split)
         L = min(batch.hist_item.shape[1], self.max_len)
         item, cate, bucket, action, group, mask = self.history(batch)  # (B, L) each
