@@ -17,7 +17,7 @@ from seqrank.models.layers import (
     log2_time_bucket,
 )
 from seqrank.models.layers import attention as attention_module
-from seqrank.models.layers.attention import attention, attention_weights
+from seqrank.models.layers.attention import attention, attention_weights, self_attention
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
 DAY = 86400
@@ -299,3 +299,44 @@ def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.autograd.gradcheck(
         lambda q, k, v: attention(q, k, v, key_mask, query_mask), (q, k, v)
     )
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("chunk", [1 << 20, 7, None])  # one chunk / one sample per chunk / tiny path
+def test_packed_self_attention_equals_explicit_math(
+    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, chunk: int | None
+) -> None:
+    """`self_attention` on one packed (B, L, 3, H, d) projection (ReLU fused on CPU) against the
+    op-by-op math on relu(qkv).unbind(2): outputs and the packed gradient."""
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
+    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if chunk is None else 0)
+    torch.manual_seed(0)
+    B, L, H, d = 13, 6, 4, 3
+    qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.rand(B, L) > 0.4
+    key_mask[0], key_mask[1] = False, True  # a row without keys, a row with all
+    query_mask = key_mask & (torch.rand(B, L) > 0.2)
+    torch.manual_seed(5)
+    y = self_attention(qkv, key_mask, query_mask, p, relu=relu)
+    q, k, v = (torch.relu(qkv) if relu else qkv).unbind(2)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=chunk is not None)
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    assert (y[0] == 0).all()
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, qkv, g)
+    (want,) = torch.autograd.grad(expected, qkv, g)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
+    monkeypatch.setattr(attention_module, "TINY_SCORES", 0)
+    torch.manual_seed(0)
+    qkv = torch.randn(6, 5, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.rand(6, 5) > 0.3
+    key_mask[2] = False
+    for relu in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda x, relu=relu: self_attention(x, key_mask, key_mask, relu=relu), (qkv,)
+        )

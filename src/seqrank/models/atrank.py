@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
-from seqrank.models.layers.attention import attention, attention_weights
+from seqrank.models.layers.attention import attention, attention_weights, self_attention
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.ragged import batch_groups, inverse_permutation
 from seqrank.models.layers.time import log2_time_bucket
@@ -197,14 +197,17 @@ class Attention(nn.Module):
         H = self.num_heads
         # "latent spaces": each head sees the behaviours through its own slice of a ReLU dense;
         # the denses that read the same input run as one (one GEMM, one ReLU pass)
+        p = self.dropout if self.training else 0.0
         if queries is keys:
-            qkv = F.relu(_stacked(queries, self.q, self.k, self.v)).view(B, Q, 3, H, D // H)
-            q, k, v = qkv.unbind(2)  # 3 x (B, L, H, D/H)
+            qkv = _stacked(queries, self.q, self.k, self.v).view(B, Q, 3, H, D // H)
+            if not return_weights:  # the ReLU inside the attention kernel (one pass fewer)
+                out = self_attention(qkv, key_mask, query_mask, p, relu=True)  # (B, Q, D)
+                return self.ln(out + queries), None
+            q, k, v = F.relu(qkv).unbind(2)  # 3 x (B, L, H, D/H)
         else:
             q = F.relu(self.q(queries)).view(B, Q, H, D // H)  # (B, Q, H, D/H)
             kv = F.relu(_stacked(keys, self.k, self.v)).view(B, -1, 2, H, D // H)
             k, v = kv.unbind(2)  # 2 x (B, L, H, D/H)
-        p = self.dropout if self.training else 0.0
         weights = None
         if return_weights:
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Q, L)

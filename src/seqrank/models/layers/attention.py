@@ -79,6 +79,39 @@ def attention(
     return y.transpose(1, 2).reshape(B, Lq, H * d)
 
 
+def self_attention(
+    qkv: Tensor,
+    key_mask: Tensor,
+    query_mask: Tensor | None = None,
+    dropout: float = 0.0,
+    *,
+    relu: bool = False,
+) -> Tensor:
+    """`attention` of a sequence to itself, from one packed projection.
+
+    Args:
+        qkv: (B, L, 3, H, d) queries, keys and values (e.g. a view of one (B, L, 3D) Linear
+            output); with `relu`, before the activation.
+        key_mask, query_mask, dropout: as in `attention`.
+        relu: apply ReLU to q, k and v first (ATRank's activated Q/K/V denses); on CPU inside
+            the kernel, without passes over the whole projection.
+
+    Returns:
+        (B, L, H * d) outputs, heads concatenated.
+    """
+    B, L, _, H, d = qkv.shape
+    if qkv.device.type == "cpu" and not torch.compiler.is_compiling() and L * L > TINY_SCORES:
+        has_key = key_mask.any(dim=1)  # (B,)
+        row_valid = has_key[:, None].expand(B, L)  # (B, L): rows without keys are zeroed
+        if query_mask is not None:
+            row_valid = row_valid & query_mask
+        attend = key_mask | ~has_key[:, None]  # (B, L)
+        rows = None if bool(row_valid.all()) else row_valid
+        return _PackedSelfAttention.apply(qkv, attend, rows, dropout, 1.0 / math.sqrt(d), relu)
+    q, k, v = (F.relu(qkv) if relu else qkv).unbind(2)  # 3 x (B, L, H, d)
+    return attention(q, k, v, key_mask, query_mask, dropout)
+
+
 def attention_weights(
     q: Tensor, k: Tensor, key_mask: Tensor, query_mask: Tensor | None = None
 ) -> Tensor:
@@ -103,6 +136,69 @@ def attention_weights(
     return (weights * valid).to(q.dtype)
 
 
+def _attention_forward(ctx, heads, shape: tuple[int, int, int, int, int], like: Tensor,  # noqa: ANN001
+                       attend: Tensor, rows: Tensor | None, p: float, scale: float) -> Tensor:
+    """The forward loop of the CPU kernels: `heads(i, j, h)` gives head h's (q, k, v) of samples
+    i:j (views or small copies); saves the softmax weights P and the dropout draws on ctx."""
+    B, Lq, Lk, H, d = shape
+    out = like.new_empty(B, Lq, H, d)
+    P = like.new_empty(H, B, Lq, Lk)
+    masked = ~attend[:, None, :]  # (B, 1, Lk)
+    row_scale = None if rows is None else rows[:, :, None].to(like.dtype)  # (B, Lq, 1)
+    bits = random_bits16((H, B, Lq, Lk)) if p > 0 else None
+    threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
+    step = max(1, CHUNK_SCORES // (Lq * Lk))
+    scores = like.new_empty(min(step, B), Lq, Lk)
+    kept = like.new_empty(min(step, B), Lq, Lk) if p > 0 else None
+    for i in range(0, B, step):
+        j = min(i + step, B)
+        b = j - i
+        for h in range(H):
+            q, k, v = heads(i, j, h)  # (b, Lq, d), (b, Lk, d), (b, Lk, d)
+            s = scores[:b].baddbmm_(q, k.transpose(1, 2), beta=0, alpha=scale)
+            s.masked_fill_(masked[i:j], float("-inf"))  # (b, Lq, Lk)
+            w = torch.ops.aten._softmax.out(s, -1, False, out=P[h, i:j])  # (b, Lq, Lk)
+            if row_scale is not None:
+                w.mul_(row_scale[i:j])
+            if bits is not None:  # keep where bits >= threshold; the scale goes on the output
+                w = torch.ge(bits[h, i:j], threshold, out=kept[:b]).mul_(w)
+            torch.mul(torch.bmm(w, v), keep_scale, out=out[i:j, :, h])  # (b, Lq, d)
+    ctx.P, ctx.bits = P, bits
+    ctx.threshold, ctx.keep_scale, ctx.scale, ctx.step = threshold, keep_scale, scale, step
+    return out.view(B, Lq, H * d)
+
+
+def _attention_backward(ctx, grad: Tensor, heads, write) -> None:  # noqa: ANN001
+    """The backward loop: `write(i, j, h, dq, dk, dv)` stores head h's input gradients of
+    samples i:j (each (b, L, d), dq and dk with the score scale applied)."""
+    P, bits = ctx.P, ctx.bits
+    H, B, Lq, Lk = P.shape
+    g = grad.reshape(B, Lq, H, -1)
+    step, scale, keep_scale = ctx.step, ctx.scale, ctx.keep_scale
+    dw_buf = grad.new_empty(min(step, B), Lq, Lk)
+    kept = grad.new_empty(min(step, B), Lq, Lk) if bits is not None else None
+    for i in range(0, B, step):
+        j = min(i + step, B)
+        b = j - i
+        for h in range(H):
+            q, k, v = heads(i, j, h)
+            gh = g[i:j, :, h]  # (b, Lq, d)
+            w = P[h, i:j]  # (b, Lq, Lk)
+            # gradient of the dropped weights, the dropout scale folded in
+            dw = dw_buf[:b].baddbmm_(gh, v.transpose(1, 2), beta=0, alpha=keep_scale)
+            if bits is not None:
+                m = torch.ge(bits[h, i:j], ctx.threshold, out=kept[:b])  # (b, Lq, Lk) 0/1
+                dv = torch.bmm(m.mul(w).transpose(1, 2), gh).mul_(keep_scale)  # (b, Lk, d)
+                dw.mul_(m)
+            else:
+                dv = torch.bmm(w.transpose(1, 2), gh)  # (b, Lk, d)
+            # softmax backward; zero where P is zero (masked keys, zeroed rows)
+            ds = torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype)  # (b, Lq, Lk)
+            dq = torch.bmm(ds, k).mul_(scale)  # (b, Lq, d)
+            dk = torch.bmm(ds.transpose(1, 2), q).mul_(scale)  # (b, Lk, d)
+            write(i, j, h, dq, dk, dv)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """The CPU path of `attention`: head by head, a chunk of samples at a time.
 
@@ -118,62 +214,72 @@ class _ChunkedAttention(torch.autograd.Function):
         ctx, q: Tensor, k: Tensor, v: Tensor, attend: Tensor, rows: Tensor | None, p: float, scale: float
     ) -> Tensor:
         B, Lq, H, d = q.shape
-        Lk = k.shape[1]
-        out = q.new_empty(B, Lq, H, d)
-        P = q.new_empty(H, B, Lq, Lk)
-        masked = ~attend[:, None, :]  # (B, 1, Lk)
-        row_scale = None if rows is None else rows[:, :, None].to(q.dtype)  # (B, Lq, 1)
-        bits = random_bits16((H, B, Lq, Lk)) if p > 0 else None
-        threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
-        step = max(1, CHUNK_SCORES // (Lq * Lk))
-        scores = q.new_empty(min(step, B), Lq, Lk)
-        kept = q.new_empty(min(step, B), Lq, Lk) if p > 0 else None
-        for i in range(0, B, step):
-            j = min(i + step, B)
-            b = j - i
-            for h in range(H):
-                s = scores[:b].baddbmm_(q[i:j, :, h], k[i:j, :, h].transpose(1, 2), beta=0, alpha=scale)
-                s.masked_fill_(masked[i:j], float("-inf"))  # (b, Lq, Lk)
-                w = torch.ops.aten._softmax.out(s, -1, False, out=P[h, i:j])  # (b, Lq, Lk)
-                if row_scale is not None:
-                    w.mul_(row_scale[i:j])
-                if bits is not None:  # keep where bits >= threshold; the scale goes on the output
-                    w = torch.ge(bits[h, i:j], threshold, out=kept[:b]).mul_(w)
-                torch.mul(torch.bmm(w, v[i:j, :, h]), keep_scale, out=out[i:j, :, h])  # (b, Lq, d)
-        ctx.save_for_backward(q, k, v, P, bits)
-        ctx.threshold, ctx.keep_scale, ctx.scale, ctx.step = threshold, keep_scale, scale, step
-        return out.view(B, Lq, H * d)
+        ctx.save_for_backward(q, k, v)
+
+        def heads(i: int, j: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+            return q[i:j, :, h], k[i:j, :, h], v[i:j, :, h]
+
+        return _attention_forward(ctx, heads, (B, Lq, k.shape[1], H, d), q, attend, rows, p, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        q, k, v, P, bits = ctx.saved_tensors
-        B, Lq, H, d = q.shape
-        Lk = k.shape[1]
-        g = grad.reshape(B, Lq, H, d)
+        q, k, v = ctx.saved_tensors
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
-        step, scale, keep_scale = ctx.step, ctx.scale, ctx.keep_scale
-        dw_buf = q.new_empty(min(step, B), Lq, Lk)
-        kept = q.new_empty(min(step, B), Lq, Lk) if bits is not None else None
-        for i in range(0, B, step):
-            j = min(i + step, B)
-            b = j - i
-            for h in range(H):
-                gh = g[i:j, :, h]  # (b, Lq, d)
-                w = P[h, i:j]  # (b, Lq, Lk)
-                # gradient of the dropped weights, the dropout scale folded in
-                dw = dw_buf[:b].baddbmm_(gh, v[i:j, :, h].transpose(1, 2), beta=0, alpha=keep_scale)
-                if bits is not None:
-                    m = torch.ge(bits[h, i:j], ctx.threshold, out=kept[:b])  # (b, Lq, Lk) 0/1
-                    dv_h = torch.bmm(m.mul(w).transpose(1, 2), gh)  # (b, Lk, d)
-                    dw.mul_(m)
-                else:
-                    dv_h = torch.bmm(w.transpose(1, 2), gh)  # (b, Lk, d)
-                torch.mul(dv_h, keep_scale, out=dv[i:j, :, h])
-                # softmax backward; zero where P is zero (masked keys, zeroed rows)
-                ds = torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype)  # (b, Lq, Lk)
-                torch.mul(torch.bmm(ds, k[i:j, :, h]), scale, out=dq[i:j, :, h])
-                torch.mul(torch.bmm(ds.transpose(1, 2), q[i:j, :, h]), scale, out=dk[i:j, :, h])
+
+        def heads(i: int, j: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+            return q[i:j, :, h], k[i:j, :, h], v[i:j, :, h]
+
+        def write(i: int, j: int, h: int, *grads: Tensor) -> None:
+            for out, gr in zip((dq, dk, dv), grads, strict=True):
+                out[i:j, :, h].copy_(gr)
+
+        _attention_backward(ctx, grad, heads, write)
         return dq, dk, dv, None, None, None, None
+
+
+class _PackedSelfAttention(torch.autograd.Function):
+    """The CPU path of `self_attention`: `_ChunkedAttention`'s loops over one packed
+    (B, L, 3, H, d) projection, with its gradient written into one packed tensor (unbinding q,
+    k and v would stack their three gradients again: a copy of the whole projection) and,
+    with `relu`, the activation applied per head and chunk inside the loop (ReLU and its
+    backward op by op are two more passes over the projection, of which ATRank has two per
+    block). Saved for backward: the packed (pre-activation) projection, P and the draws.
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN001, PLR0913
+        ctx, qkv: Tensor, attend: Tensor, rows: Tensor | None, p: float, scale: float, relu: bool
+    ) -> Tensor:
+        B, L, _, H, d = qkv.shape
+        ctx.save_for_backward(qkv)
+        ctx.relu = relu
+        heads = _packed_heads(qkv, relu)
+        return _attention_forward(ctx, heads, (B, L, L, H, d), qkv, attend, rows, p, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        (qkv,) = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)  # (B, L, 3, H, d)
+
+        def write(i: int, j: int, h: int, *grads: Tensor) -> None:
+            for n, gr in enumerate(grads):
+                if ctx.relu:  # the ReLU's backward: zero where the pre-activation is <= 0
+                    gr = gr.mul_(qkv[i:j, :, n, h] > 0)
+                dqkv[i:j, :, n, h].copy_(gr)
+
+        _attention_backward(ctx, grad, _packed_heads(qkv, ctx.relu), write)
+        return dqkv, None, None, None, None, None
+
+
+def _packed_heads(qkv: Tensor, relu: bool):  # noqa: ANN202
+    """(i, j, h) -> head h's q, k, v of samples i:j from a packed (B, L, 3, H, d) projection:
+    strided views, or small ReLU'd copies."""
+
+    def heads(i: int, j: int, h: int) -> tuple[Tensor, ...]:
+        views = (qkv[i:j, :, n, h] for n in range(3))  # 3 x (b, L, d)
+        return tuple(torch.relu(x) for x in views) if relu else tuple(views)
+
+    return heads
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -223,16 +329,17 @@ class MultiHeadSelfAttention(nn.Module):
         """
         B, L, D = x.shape
         H = self.num_heads
-        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).unbind(2)  # 3 x (B, L, H, D/H) views
+        qkv = self.qkv(x).view(B, L, 3, H, D // H)  # (B, L, 3, H, D/H)
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
         p = self.dropout if self.training else 0.0
         if return_weights:
+            q, k, v = qkv.unbind(2)  # 3 x (B, L, H, D/H) views
             weights = attention_weights(q, k, mask)  # (B, H, L, L)
             y = apply_dropout(weights, p) @ v.transpose(1, 2)  # (B, H, L, D/H)
             y = y.transpose(1, 2).reshape(B, L, D)
         else:
-            y = attention(q, k, v, mask, dropout=p)  # (B, L, D), zero rows without keys
+            y = self_attention(qkv, mask, dropout=p)  # (B, L, D), zero rows without keys
         y = self.out(y)  # (B, L, D)
         has_key = mask.any(dim=-1)  # (B,)
         # zeros without keys; on CPU the check is free and BST's target is always a key
