@@ -17,7 +17,12 @@ from seqrank.models.layers import (
     log2_time_bucket,
 )
 from seqrank.models.layers import attention as attention_module
-from seqrank.models.layers.attention import attention, attention_weights, self_attention
+from seqrank.models.layers.attention import (
+    attention,
+    attention_weights,
+    cross_attention,
+    self_attention,
+)
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
 DAY = 86400
@@ -340,3 +345,35 @@ def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> Non
         assert torch.autograd.gradcheck(
             lambda x, relu=relu: self_attention(x, key_mask, key_mask, relu=relu), (qkv,)
         )
+
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("tiny", [False, True])
+def test_packed_cross_attention_equals_explicit_math(
+    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, Lq: int, tiny: bool
+) -> None:
+    """`cross_attention` (ATRank's target stage: queries against one packed key/value
+    projection) against the op-by-op math: outputs, and the gradients of q and of the packed kv."""
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 20)  # several chunks
+    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if tiny else 0)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if tiny else 0)
+    torch.manual_seed(0)
+    B, Lk, H, d = 11, 7, 4, 3
+    q = torch.randn(B, Lq, H, d, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(B, Lk, 2, H, d, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.rand(B, Lk) > 0.4
+    key_mask[0], key_mask[1] = False, True
+    torch.manual_seed(5)
+    y = cross_attention(q, kv, key_mask, None, p, relu=relu)
+    act = torch.relu if relu else (lambda t: t)
+    k, v = act(kv).unbind(2)
+    expected = _explicit_attention(act(q), k, v, key_mask, None, p, seed=5, head_major=not tiny)
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(y)
+    for got, want in zip(
+        torch.autograd.grad(y, (q, kv), g), torch.autograd.grad(expected, (q, kv), g), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
-from seqrank.models.layers.attention import attention, attention_weights, self_attention
+from seqrank.models.layers.attention import (
+    attention,
+    attention_weights,
+    cross_attention,
+    self_attention,
+)
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.ragged import batch_groups, inverse_permutation
 from seqrank.models.layers.time import log2_time_bucket
@@ -205,9 +210,12 @@ class Attention(nn.Module):
                 return self.ln(out + queries), None
             q, k, v = F.relu(qkv).unbind(2)  # 3 x (B, L, H, D/H)
         else:
-            q = F.relu(self.q(queries)).view(B, Q, H, D // H)  # (B, Q, H, D/H)
-            kv = F.relu(_stacked(keys, self.k, self.v)).view(B, -1, 2, H, D // H)
-            k, v = kv.unbind(2)  # 2 x (B, L, H, D/H)
+            q = self.q(queries).view(B, Q, H, D // H)  # (B, Q, H, D/H)
+            kv = _stacked(keys, self.k, self.v).view(B, -1, 2, H, D // H)  # (B, L, 2, H, D/H)
+            if not return_weights:
+                out = cross_attention(q, kv, key_mask, query_mask, p, relu=True)  # (B, Q, D)
+                return self.ln(out + queries), None
+            q, (k, v) = F.relu(q), F.relu(kv).unbind(2)  # (B, Q, H, D/H), 2 x (B, L, H, D/H)
         weights = None
         if return_weights:
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Q, L)

@@ -27,6 +27,13 @@ CHUNK_SCORES = 1 << 20
 # per-head score matrices up to this size go through plain ops over all heads at once: the
 # kernel's per-head calls would cost more than the work
 TINY_SCORES = 64
+# ... as long as all heads' scores together stay small (2^18 floats = 1 MiB): beyond that the
+# plain ops' copies of k and v (to batch the heads) cost more than the kernel's calls
+TINY_TOTAL = 1 << 18
+
+
+def _tiny(B: int, H: int, Lq: int, Lk: int) -> bool:
+    return Lq * Lk <= TINY_SCORES and B * H * Lq * Lk <= TINY_TOTAL
 
 
 def attention(
@@ -61,7 +68,7 @@ def attention(
     if query_mask is not None:
         row_valid = row_valid & query_mask
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: inductor fuses SDPA
-        if Lq * k.shape[1] <= TINY_SCORES:  # e.g. one query (ATRank's target): a few ops for all heads
+        if _tiny(B, H, Lq, k.shape[1]):  # e.g. one query (ATRank's target): a few ops for all heads
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
             y = apply_dropout(weights, dropout) @ v.transpose(1, 2)  # (B, H, Lq, d)
             return y.transpose(1, 2).reshape(B, Lq, H * d)
@@ -99,17 +106,54 @@ def self_attention(
     Returns:
         (B, L, H * d) outputs, heads concatenated.
     """
-    B, L, _, H, d = qkv.shape
-    if qkv.device.type == "cpu" and not torch.compiler.is_compiling() and L * L > TINY_SCORES:
-        has_key = key_mask.any(dim=1)  # (B,)
-        row_valid = has_key[:, None].expand(B, L)  # (B, L): rows without keys are zeroed
-        if query_mask is not None:
-            row_valid = row_valid & query_mask
-        attend = key_mask | ~has_key[:, None]  # (B, L)
-        rows = None if bool(row_valid.all()) else row_valid
-        return _PackedSelfAttention.apply(qkv, attend, rows, dropout, 1.0 / math.sqrt(d), relu)
-    q, k, v = (F.relu(qkv) if relu else qkv).unbind(2)  # 3 x (B, L, H, d)
-    return attention(q, k, v, key_mask, query_mask, dropout)
+    return _packed_attention(qkv, qkv, key_mask, query_mask, dropout, relu)
+
+
+def cross_attention(
+    q: Tensor,
+    kv: Tensor,
+    key_mask: Tensor,
+    query_mask: Tensor | None = None,
+    dropout: float = 0.0,
+    *,
+    relu: bool = False,
+) -> Tensor:
+    """`attention` of queries to a sequence, from one packed key/value projection.
+
+    Args:
+        q: (B, Lq, H, d) queries (with `relu`, before the activation).
+        kv: (B, Lk, 2, H, d) keys and values (e.g. a view of one (B, Lk, 2D) Linear output);
+            with `relu`, before the activation.
+        key_mask, query_mask, dropout: as in `attention`.
+        relu: apply ReLU to q, k and v first; on CPU inside the kernel.
+
+    Returns:
+        (B, Lq, H * d) outputs, heads concatenated.
+    """
+    return _packed_attention(q[:, :, None], kv, key_mask, query_mask, dropout, relu)
+
+
+def _packed_attention(
+    q_src: Tensor, kv_src: Tensor, key_mask: Tensor, query_mask: Tensor | None, dropout: float,
+    relu: bool,
+) -> Tensor:
+    """q = q_src[:, :, 0], k = kv_src[:, :, -2], v = kv_src[:, :, -1] ((B, L, S, H, d) each)."""
+    B, Lq, _, H, d = q_src.shape
+    Lk = kv_src.shape[1]
+    cpu = q_src.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not cpu or _tiny(B, H, Lq, Lk):
+        if relu:
+            q_src, kv_src = (F.relu(q_src), F.relu(kv_src)) if q_src is not kv_src else (F.relu(q_src),) * 2
+        return attention(q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], key_mask, query_mask, dropout)
+    has_key = key_mask.any(dim=1)  # (B,)
+    row_valid = has_key[:, None].expand(B, Lq)  # (B, Lq): rows without keys are zeroed
+    if query_mask is not None:
+        row_valid = row_valid & query_mask
+    attend = key_mask | ~has_key[:, None]  # (B, Lk)
+    rows = None if bool(row_valid.all()) else row_valid
+    return _PackedAttention.apply(
+        q_src, kv_src, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q_src is kv_src
+    )
 
 
 def attention_weights(
@@ -237,47 +281,52 @@ class _ChunkedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-class _PackedSelfAttention(torch.autograd.Function):
-    """The CPU path of `self_attention`: `_ChunkedAttention`'s loops over one packed
-    (B, L, 3, H, d) projection, with its gradient written into one packed tensor (unbinding q,
-    k and v would stack their three gradients again: a copy of the whole projection) and,
-    with `relu`, the activation applied per head and chunk inside the loop (ReLU and its
-    backward op by op are two more passes over the projection, of which ATRank has two per
-    block). Saved for backward: the packed (pre-activation) projection, P and the draws.
+class _PackedAttention(torch.autograd.Function):
+    """The CPU path of `self_attention` and `cross_attention`: `_ChunkedAttention`'s loops over
+    packed projections (q = q_src[:, :, 0], k = kv_src[:, :, -2], v = kv_src[:, :, -1]; for
+    self-attention both are one (B, L, 3, H, d) tensor), with the gradients written into packed
+    tensors (unbinding q, k and v would stack their gradients again: a copy of the whole
+    projection) and, with `relu`, the activation applied per head and chunk inside the loop
+    (ReLU and its backward op by op are two more passes over each projection, ATRank has two
+    per block). Saved for backward: the (pre-activation) projections, P and the draws.
     """
 
     @staticmethod
     def forward(  # noqa: ANN001, PLR0913
-        ctx, qkv: Tensor, attend: Tensor, rows: Tensor | None, p: float, scale: float, relu: bool
+        ctx, q_src: Tensor, kv_src: Tensor, attend: Tensor, rows: Tensor | None, p: float,
+        scale: float, relu: bool, same: bool,
     ) -> Tensor:
-        B, L, _, H, d = qkv.shape
-        ctx.save_for_backward(qkv)
-        ctx.relu = relu
-        heads = _packed_heads(qkv, relu)
-        return _attention_forward(ctx, heads, (B, L, L, H, d), qkv, attend, rows, p, scale)
+        B, Lq, _, H, d = q_src.shape
+        ctx.save_for_backward(q_src, kv_src)
+        ctx.relu, ctx.same = relu, same
+        heads = _packed_heads(q_src, kv_src, relu)
+        return _attention_forward(ctx, heads, (B, Lq, kv_src.shape[1], H, d), q_src, attend, rows, p, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        (qkv,) = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype)  # (B, L, 3, H, d)
+        q_src, kv_src = ctx.saved_tensors
+        # slots no head reads (none in the usual layouts) get zero gradient
+        dkv = torch.empty_like(kv_src) if kv_src.shape[2] in (2, 3) else torch.zeros_like(kv_src)
+        dq = dkv if ctx.same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
+        slots = ((dq, q_src, 0), (dkv, kv_src, -2), (dkv, kv_src, -1))
 
         def write(i: int, j: int, h: int, *grads: Tensor) -> None:
-            for n, gr in enumerate(grads):
+            for (out, src, n), gr in zip(slots, grads, strict=True):
                 if ctx.relu:  # the ReLU's backward: zero where the pre-activation is <= 0
-                    gr = gr.mul_(qkv[i:j, :, n, h] > 0)
-                dqkv[i:j, :, n, h].copy_(gr)
+                    gr = gr.mul_(src[i:j, :, n, h] > 0)
+                out[i:j, :, n, h].copy_(gr)
 
-        _attention_backward(ctx, grad, _packed_heads(qkv, ctx.relu), write)
-        return dqkv, None, None, None, None, None
+        _attention_backward(ctx, grad, _packed_heads(q_src, kv_src, ctx.relu), write)
+        return dkv if ctx.same else dq, None if ctx.same else dkv, None, None, None, None, None, None
 
 
-def _packed_heads(qkv: Tensor, relu: bool):  # noqa: ANN202
-    """(i, j, h) -> head h's q, k, v of samples i:j from a packed (B, L, 3, H, d) projection:
-    strided views, or small ReLU'd copies."""
+def _packed_heads(q_src: Tensor, kv_src: Tensor, relu: bool):  # noqa: ANN202
+    """(i, j, h) -> head h's q, k, v of samples i:j from packed projections: strided views, or
+    small ReLU'd copies."""
 
     def heads(i: int, j: int, h: int) -> tuple[Tensor, ...]:
-        views = (qkv[i:j, :, n, h] for n in range(3))  # 3 x (b, L, d)
-        return tuple(torch.relu(x) for x in views) if relu else tuple(views)
+        views = (q_src[i:j, :, 0, h], kv_src[i:j, :, -2, h], kv_src[i:j, :, -1, h])  # (b, L, d)
+        return tuple(torch.relu(x) for x in views) if relu else views
 
     return heads
 
