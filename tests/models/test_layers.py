@@ -180,6 +180,41 @@ def test_encoder_zeroes_padding_and_ignores_padded_inputs() -> None:
     torch.testing.assert_close(enc(scrambled, mask), out)
 
 
+@pytest.mark.parametrize("dense_rows", [True, False])
+def test_encoder_forward_groups_is_forward_of_each_group(dense_rows: bool) -> None:
+    """Length groups with their tokens flat: every group's outputs and every gradient equal
+    the encoder run on each group alone (the zeroing of rows without keys included)."""
+    torch.manual_seed(0)
+    enc = TransformerEncoder(2, 8, 2, ffn_dim=16, dropout=0.0).double()
+    shapes = [(3, 6), (4, 2), (2, 1)]
+    xs = [torch.randn(n, L, 8, dtype=torch.float64) for n, L in shapes]
+    masks = [torch.rand(n, L) < 0.7 for n, L in shapes]
+    for m in masks:
+        m[:, -1] = dense_rows  # dense_rows: every row has a key (BST: the target)
+    masks[0][1] = False  # a row without any key: zero outputs
+    flat = torch.cat([x.reshape(-1, 8) for x in xs]).requires_grad_()
+    weight = torch.randn(flat.shape, dtype=torch.float64)
+    out = enc.forward_groups(flat, masks)
+    (out * weight).sum().backward()
+    got = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    x_ref = [x.clone().requires_grad_() for x in xs]
+    ref = torch.cat([enc(x, m).reshape(-1, 8) for x, m in zip(x_ref, masks, strict=True)])
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert (out[torch.cat([m.reshape(-1) for m in masks]) == 0] == 0).all()
+    torch.testing.assert_close(
+        flat.grad, torch.cat([x.grad.reshape(-1, 8) for x in x_ref]), rtol=0, atol=1e-12
+    )
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=0, atol=1e-12, msg=n)
+    # the attention alone (its zeros for rows without keys are visible only here)
+    attn = enc.layers[0].attn
+    with torch.no_grad():
+        ref = torch.cat([attn(x, m).reshape(-1, 8) for x, m in zip(xs, masks, strict=True)])
+        torch.testing.assert_close(attn.forward_groups(flat, masks), ref, rtol=0, atol=1e-12)
+
+
 def test_mlp_shapes_and_validation() -> None:
     mlp = MLP(10, (32, 16), dropout=0.1)
     assert mlp(torch.randn(4, 10)).shape == (4, 1)

@@ -9,6 +9,7 @@ attention from the target. Details follow the reference TensorFlow code (jinze19
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +226,48 @@ class Attention(nn.Module):
             out = attention(q, k, v, key_mask, query_mask, p)  # (B, Q, D)
         return self.ln(out + queries), weights
 
+    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """Self-attention of length groups, their tokens flat: the Q/K/V denses, the residual
+        and the layer norm run once over every token, only the attention per group.
+
+        Args:
+            x: (T, D) the behaviours of every group, group after group, each group's (n, L)
+                positions row-major; T = the sum of the masks' sizes.
+            masks: per group, its (n, L) bool mask.
+
+        Returns:
+            (T, D) outputs, as `forward(x_g, m, x_g, m)` gives them for each group.
+        """
+        D, H = x.shape[-1], self.num_heads
+        p = self.dropout if self.training else 0.0
+        parts = _stacked(x, self.q, self.k, self.v).split([m.numel() for m in masks])
+        out = [
+            self_attention(qkv.view(*m.shape, 3, H, D // H), m, m, p, relu=True).reshape(-1, D)
+            for qkv, m in zip(parts, masks, strict=True)
+        ]  # (n * L, D) per group
+        return self.ln(torch.cat(out) + x)  # (T, D)
+
+    def forward_target_groups(self, u: Tensor, keys: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """The vanilla attention of length groups: one query per sample to its group's keys.
+
+        Args:
+            u: (B, D) queries, group after group (n rows per group).
+            keys: (T, D) the behaviours of every group, flat as in `forward_groups`.
+            masks: per group, its (n, L) bool key mask.
+
+        Returns:
+            (B, D) outputs, as `forward(u_g[:, None], ones, keys_g, m)` gives them per group.
+        """
+        D, H = u.shape[-1], self.num_heads
+        p = self.dropout if self.training else 0.0
+        q = self.q(u).view(-1, 1, H, D // H).split([m.shape[0] for m in masks])  # (n, 1, H, d)
+        kv = _stacked(keys, self.k, self.v).split([m.numel() for m in masks])  # (n * L, 2D)
+        out = [
+            cross_attention(q_g, kv_g.view(*m.shape, 2, H, D // H), m, None, p, relu=True)
+            for q_g, kv_g, m in zip(q, kv, masks, strict=True)
+        ]  # (n, 1, D) per group
+        return self.ln(torch.cat(out).view(-1, D) + u)  # (B, D)
+
 
 class FeedForward(nn.Module):
     """Point-wise feed-forward of widths (D/4, D), residual + layer norm (reference code)."""
@@ -264,6 +307,14 @@ class Block(nn.Module):
         """Shapes as in `Attention.forward`."""
         x, weights = self.attn(queries, query_mask, keys, key_mask, return_weights)  # (B, Q, D)
         return self.ffn(x), weights
+
+    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """Self-attention block of length groups, tokens flat (`Attention.forward_groups`)."""
+        return self.ffn(self.attn.forward_groups(x, masks))  # (T, D)
+
+    def forward_target_groups(self, u: Tensor, keys: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """Vanilla attention block of length groups (`Attention.forward_target_groups`)."""
+        return self.ffn(self.attn.forward_target_groups(u, keys, masks))  # (B, D)
 
 
 class ATRank(nn.Module):
@@ -462,8 +513,9 @@ class ATRank(nn.Module):
     def forward_groups(
         self, batch: Batch, groups: list[tuple[Batch, int]], order: Tensor
     ) -> Tensor:
-        """`forward` on length groups: one lookup and projection over the behaviours of every
-        group, the attention per group at its own history length.
+        """`forward` on length groups: one lookup, one projection and one pass of every dense
+        layer and layer norm over the behaviours of all groups; only the attention runs per
+        group, at the group's own history length.
 
         Args:
             batch: the whole batch; groups: [(group batch, history length)]; order: (B,) rows
@@ -484,12 +536,15 @@ class ATRank(nn.Module):
         )  # (T + B, 2E)
         h = self.behaviors(obj[None, : sum(sizes)], flat(2), flat(3), flat(4))[0]  # (T, D)
         target = self.embed_target(obj[sum(sizes) :])  # (B, D) in group order
-        users = []
-        for h_g, t_g, (*_, mask) in zip(
-            h.split(sizes), target.split([len(sub) for sub, _ in groups]), parts, strict=True
-        ):
-            users.append(self.attend(h_g.view(*mask.shape, -1), mask, t_g)[0])  # (n, D)
-        u = torch.cat(users)  # (B, D) in group order
+        masks = [p[5] for p in parts]  # (n, L) each
+        # the blocks over the behaviours of all groups at once, only the attention per group
+        for block in self.self_blocks:
+            h = block.forward_groups(h, masks)  # (T, D)
+        u = target  # (B, D)
+        for block in self.target_blocks:
+            u = block.forward_target_groups(u, h, masks)  # (B, D)
+        has_history = torch.cat([m.any(dim=1) for m in masks])[:, None]  # (B, 1)
+        u = u * has_history  # (B, D) in group order; no behaviours, no user vector
         self._user, self._target = u, target
         score = (u * target).sum(-1)[inverse_permutation(order)]  # (B,) in batch order
         return self.item_bias[batch.target_item] + score

@@ -177,8 +177,8 @@ class BST(nn.Module):
         return batch_groups(batch, self.max_len, self.length_groups, self.group_cost, extra=1)
 
     def forward_groups(self, groups: list[tuple[Batch, int]], order: Tensor) -> Tensor:
-        """`forward` on length groups: one lookup per table over the tokens of every group, the
-        encoder per group at its own length, BST's flattened sequences of different lengths
+        """`forward` on length groups: one lookup per table and one encoder pass over the tokens
+        of every group (only the attention runs per group, at the group's length), BST's flattened sequences of different lengths
         into the first MLP layer as right-aligned columns (the zeros of the padding skipped).
 
         Args:
@@ -190,10 +190,13 @@ class BST(nn.Module):
         """
         tokens = [self.sequence_tokens(sub) for sub, _ in groups]  # (n, L+1) each
         flat = [torch.cat([t[k].reshape(-1) for t in tokens]) for k in range(4)]  # (T,) each
-        xs = self.embed_tokens(*flat).split([t[0].numel() for t in tokens])  # (n * (L+1), D)
+        masks = [t[4] for t in tokens]  # (n, L+1) each
+        # the encoder over the tokens of all groups at once (attention per group)
+        out = self.encoder.forward_groups(self.embed_tokens(*flat), masks)  # (T, D), 0 if padded
         zs = []
-        for x, (*_, mask), (sub, _) in zip(xs, tokens, groups, strict=True):
-            x = self.encoder(x.view(*mask.shape, -1), mask)  # (n, L+1, D), zeros where padded
+        parts = out.split([m.numel() for m in masks])  # (n * (L+1), D) each
+        for x, mask, (sub, _) in zip(parts, masks, groups, strict=True):
+            x = x.view(*mask.shape, -1)  # (n, L+1, D)
             z = x.flatten(1) if self.pooling == "concat" else self.pool(x, mask)  # (n, P_g)
             if self.user_emb is not None:
                 z = torch.cat([z, self.user_emb(sub.user)], dim=-1)  # (n, P_g + E)

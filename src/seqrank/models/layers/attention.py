@@ -13,6 +13,7 @@ matrix products, and about as much as the rest of the Transformer. Elsewhere (CU
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -395,6 +396,34 @@ class MultiHeadSelfAttention(nn.Module):
         if x.device.type != "cpu" or torch.compiler.is_compiling() or not bool(has_key.all()):
             y = y * has_key[:, None, None].to(y.dtype)  # (B, L, D)
         return (y, weights) if return_weights else y
+
+    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """`forward` of several groups of sequences (length groups), their tokens flat: the
+        projections run once over every token, only the attention group by group.
+
+        Args:
+            x: (T, D) the tokens of every group, group after group, each group's (n, L)
+                positions row-major; T = the sum of the masks' sizes.
+            masks: per group, its (n, L) bool mask (True where a key is valid).
+
+        Returns:
+            (T, D) outputs, as `forward` gives them for each group.
+        """
+        D = self.d_model
+        H = self.num_heads
+        p = self.dropout if self.training else 0.0
+        parts = self.qkv(x).split([m.numel() for m in masks])  # (n * L, 3D) per group
+        y = torch.cat(
+            [
+                self_attention(part.view(*m.shape, 3, H, D // H), m, dropout=p).reshape(-1, D)
+                for part, m in zip(parts, masks, strict=True)
+            ]
+        )  # (T, D)
+        y = self.out(y)  # (T, D)
+        has_key = [m.any(dim=1, keepdim=True).expand(m.shape) for m in masks]  # (n, L) each
+        if x.device.type != "cpu" or not all(bool(h.all()) for h in has_key):
+            y = y * torch.cat([h.reshape(-1) for h in has_key])[:, None].to(y.dtype)  # (T, D)
+        return y
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"

@@ -6,6 +6,9 @@ with a point-wise FFN of Linear -> LeakyReLU -> Linear.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
 from seqrank.models.layers.attention import MultiHeadSelfAttention
@@ -58,6 +61,12 @@ class TransformerBlock(nn.Module):
         x = self.norm1(x + self.drop(a))  # eq. 5
         x = self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
         return (x, weights) if return_weights else x
+
+    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """`forward` of length groups, tokens flat (`MultiHeadSelfAttention.forward_groups`):
+        everything but the attention runs once over all (T, D) tokens."""
+        x = self.norm1(x + self.drop(self.attn.forward_groups(x, masks)))  # eq. 5
+        return self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
 
 
 class TransformerEncoder(nn.Module):
@@ -113,3 +122,19 @@ class TransformerEncoder(nn.Module):
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)  # (B, L, D)
         return (x, weights) if return_weights else x
+
+    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+        """`forward` of several groups of sequences (length groups) at once.
+
+        Args:
+            x: (T, D) the tokens of every group, group after group, each group's (n, L)
+                positions row-major; T = the sum of the masks' sizes.
+            masks: per group, its (n, L) bool mask of valid positions.
+
+        Returns:
+            (T, D) outputs, zero where padded: `forward` of each group, flattened.
+        """
+        for layer in self.layers:
+            x = layer.forward_groups(x, masks)
+        valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
+        return x * valid[:, None].to(x.dtype)  # (T, D)
