@@ -8,25 +8,33 @@ Prints, for each model and setting, samples/s (batch size over a per-step time) 
                batch's history lengths (the models' length groups), so a fastest step would be
                an easy batch
   e2e median   the same steps' median; e2e best: their fastest
-  compute      our model's train step on `--batches` pre-built batches (no input pipeline): the
-               fastest of `--steps` timed cycles (each batch once) / the number of batches
-  reference    the same model written plainly in PyTorch, dense torch.optim.Adam, the same
-               pre-built batches and cycles as compute: BST with nn.TransformerEncoderLayer;
-               ATRank as the reference TensorFlow code reads (heads split and concatenated along
-               the batch, masks by `where`); both always pad to --hist
+  reference    the same model written plainly in PyTorch, dense torch.optim.Adam, on the
+               pre-built batches below: BST with nn.TransformerEncoderLayer; ATRank as the
+               reference TensorFlow code reads (heads split and concatenated along the batch,
+               masks by `where`); both always pad to --hist. One reference step runs after every
+               timed e2e step (its time taken out of the e2e step): the MEAN of those steps
   ceiling      the steps with nothing but their matrix products: every mm/addmm/bmm that the
                training steps of our model on ALL the pre-built batches run (forward and
                backward, recorded with their shapes and strides; on CUDA also the fused
-               attention kernels) is replayed alone, each once, times its count; a pass runs
-               after every timed cycle (compute, reference) and every timed e2e step; the
-               fastest pass / the number of batches, so a per-step average over those batches
-  GFLOP/s      the recorded steps' FLOPs (torch's FlopCounterMode) over the fastest pass
+               attention kernels) is replayed alone, each once, times its count: a pass / the
+               number of batches is a per-step average over those batches. A pass runs after
+               every timed e2e step (as the reference step): the MEAN of those passes
+  compute      our model's train step on `--batches` pre-built batches (no input pipeline): the
+               fastest of `--steps` timed cycles (each batch once) / the number of batches;
+               cycles of the reference on the same batches run in turns with them, a ceiling
+               pass after each cycle
+  GFLOP/s      the recorded steps' FLOPs (torch's FlopCounterMode) over the ceiling
   MFLOP/sample the recorded steps' FLOPs / (batches x batch size): the average over the batches
-and the ratios e2e/ceiling, e2e/ref, ceiling/ref (the most any implementation of the model could
-gain over the reference on this machine) and input share (the mean time the loader takes to
-gather a batch / the mean e2e step). Best cycles against best passes, taken in the same windows,
-is the stable comparison on a VM where the same GEMM runs anywhere between 80 and 150 GFLOP/s
-from one 0.2 s window to the next; e2e is a mean because its batches differ from step to step.
+and the ratios e2e/ceiling, e2e/ref and ceiling/ref (the most any implementation of the model
+could gain over the reference on this machine): means over the same stretches of time, one
+e2e step, one ceiling pass and one reference step after another; compute/ceiling and
+compute/ref: the fastest compute cycle against the fastest pass and the fastest reference
+cycle of the same rounds (no input pipeline, no Lightning: the model's kernels alone); and
+input share (the mean time the loader takes to gather a batch / the mean e2e step). On this VM
+the same GEMM runs anywhere between 80 and 150 GFLOP/s from one 0.2 s window to the next, so
+only figures taken in the same windows, with the same statistic, are compared: e2e is a mean
+(its batches differ from step to step, and with length groups so does its work), so the
+ceiling and reference beside it are means over the same windows.
 `--embeddings dense sparse` runs each model both with dense embedding gradients and with
 row-wise ones (`sparse_embeddings=True`, lazy Adam on the touched rows; BST only).
 `--length-groups N` passes `length_groups=N` to the models (0: pad every batch to --hist, the
@@ -443,11 +451,13 @@ class Ceiling:
                 continue
             self.runs.append((count, fn))
         self.best = float("inf")
+        self.last = float("inf")
 
     def sample(self) -> float:
-        """One pass over the products; returns the seconds it took."""
+        """One pass over the products (its ceiling time in `last`); returns the seconds it took."""
         t0 = time.perf_counter()
-        self.best = min(self.best, sum(count * timed(fn, 1, warmup=0) for count, fn in self.runs))
+        self.last = sum(count * timed(fn, 1, warmup=0) for count, fn in self.runs)
+        self.best = min(self.best, self.last)
         return time.perf_counter() - t0
 
     def seconds(self) -> float:
@@ -455,15 +465,19 @@ class Ceiling:
         return self.best / self.steps
 
 
-def interleaved(fn, ceiling: Ceiling, steps: int, warmup: int = 1) -> float:  # noqa: ANN001
-    """Fastest seconds per call of fn (a cycle of steps) over `steps` calls, a ceiling pass after each."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved(fns: list, ceiling: Ceiling, steps: int, warmup: int = 1) -> list[float]:
+    """Fastest seconds per call of each of `fns` (cycles of steps) over `steps` rounds; a round
+    calls each fn once, a ceiling pass after each, so all of them see the same stretches of
+    the machine's speed."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        times.append(timed(fn, 1, warmup=0))
-        ceiling.sample()
-    return min(times)
+        for fn, t in zip(fns, times, strict=True):
+            t.append(timed(fn, 1, warmup=0))
+            ceiling.sample()
+    return [min(t) for t in times]
 
 
 def record_steps(step, n: int) -> tuple[float, Counter]:  # noqa: ANN001
@@ -521,7 +535,16 @@ def bench(
     cycle()  # warm-up: every batch's shapes
     flops, calls = record_steps(step, n_batches)  # one step on each batch
     ceiling = Ceiling(calls, steps=n_batches)
-    t_compute = interleaved(cycle, ceiling, steps, warmup=1) / n_batches
+    # the plain reference, one step at a time on the same batches
+    ref_step = reference_step(model, schema, hist, batches, precision)
+
+    def ref_cycle() -> None:
+        for _ in batches:
+            ref_step()
+
+    # compute and reference cycles in turns, a ceiling pass after each: fastest of each
+    t_compute, t_ref_best = (t / n_batches for t in interleaved([cycle, ref_cycle], ceiling, steps))
+    t_ceiling_best = ceiling.seconds()
     t_gather = timed(lambda: next(it), steps, stat=np.mean)
     # end to end through Lightning
     module = RankingModule(
@@ -542,16 +565,14 @@ def bench(
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
     )
-    timer = _StepTimer(warmup=3, ceiling=ceiling)
+    # after every e2e step: a ceiling pass and a reference step, timed, their time taken out
+    timer = _StepTimer(warmup=3, ceiling=ceiling, reference=ref_step)
     trainer.callbacks.append(timer)
     trainer.fit(module, train_dataloaders=loader)
     t_e2e = timer.per_step(np.mean)
-    # the plain reference, cycling the same batches
-    t_ref = (
-        interleaved(reference_cycle(model, schema, hist, batches, precision), ceiling, steps)
-        / n_batches
-    )
-    t_gemm = ceiling.seconds()
+    # the same windows as the e2e steps: means over the passes and reference steps between them
+    t_ref = float(np.mean(timer.references))
+    t_gemm = float(np.mean(timer.passes)) / n_batches
     label = (
         model
         + (" sparse" if sparse else "")
@@ -567,14 +588,18 @@ def bench(
         "compute": B / t_compute,
         "reference": B / t_ref,
         "ceiling": B / t_gemm,
+        "reference best": B / t_ref_best,
+        "windows": len(timer.references),  # e2e steps with a reference step and a pass after
+        "ceiling best": B / t_ceiling_best,
         "gflops": flops / n_batches / t_gemm / 1e9,
         "mflop/sample": flops / n_batches / B / 1e6,
         "input_share": t_gather / t_e2e,
     }
 
 
-def reference_cycle(model: str, schema, hist: int, batches: list, precision: str):  # noqa: ANN001, ANN201
-    """One training step of the plain reference of `model` on each of `batches` in turn, dense Adam."""
+def reference_step(model: str, schema, hist: int, batches: list, precision: str):  # noqa: ANN001, ANN201
+    """A function running one training step of the plain reference of `model`, dense Adam, on
+    the next of `batches` (cycling through them)."""
     torch.manual_seed(0)
     if model == "bst":
         ref = PlainBST(schema.num_items, schema.num_cates, hist).to(DEVICE)
@@ -594,25 +619,30 @@ def reference_cycle(model: str, schema, hist: int, batches: list, precision: str
                 (b.hist_item, b.hist_cate, bucket, b.hist_mask, b.target_item, b.target_cate)
             )
     opt = torch.optim.Adam(ref.parameters(), 1e-3)
+    k = [0]
 
-    def cycle() -> None:
-        for b, x in zip(batches, inputs, strict=True):
-            with autocast(precision):
-                logits = ref(*x).float()
-            loss = F.binary_cross_entropy_with_logits(logits, b.label)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    def step() -> None:
+        b, x = batches[k[0] % len(batches)], inputs[k[0] % len(batches)]
+        k[0] += 1
+        with autocast(precision):
+            logits = ref(*x).float()
+        loss = F.binary_cross_entropy_with_logits(logits, b.label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
-    return cycle
+    return step
 
 
 class _StepTimer(L.Callback):
-    """Time from one batch start to the next: fetching the batch, the step and all hooks; a
-    ceiling pass runs after each step, its time taken out."""
+    """Time from one batch start to the next: fetching the batch, the step and all hooks. After
+    each timed step a ceiling pass and one step of the plain reference run, their time taken
+    out and recorded (`passes`: the passes' ceiling times; `references`: the reference steps'
+    seconds), so that e2e, ceiling and reference are measured in the same stretches of time."""
 
-    def __init__(self, warmup: int, ceiling: Ceiling) -> None:
-        self.warmup, self.ceiling, self.starts, self.excluded = warmup, ceiling, [], []
+    def __init__(self, warmup: int, ceiling: Ceiling, reference=None) -> None:  # noqa: ANN001
+        self.warmup, self.ceiling, self.reference = warmup, ceiling, reference
+        self.starts, self.excluded, self.passes, self.references = [], [], [], []
 
     def on_train_batch_start(self, *args) -> None:  # noqa: ANN002
         sync()
@@ -620,7 +650,15 @@ class _StepTimer(L.Callback):
 
     def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
         sync()
-        self.excluded.append(self.ceiling.sample() if len(self.starts) > self.warmup else 0.0)
+        if len(self.starts) <= self.warmup:
+            self.excluded.append(0.0)
+            return
+        t0 = time.perf_counter()
+        self.ceiling.sample()
+        self.passes.append(self.ceiling.last)
+        if self.reference is not None:
+            self.references.append(timed(self.reference, 1, warmup=0))
+        self.excluded.append(time.perf_counter() - t0)
 
     def per_step(self, stat=np.mean) -> float:  # noqa: ANN001
         steps = np.diff(self.starts) - np.asarray(self.excluded[: len(self.starts) - 1])
@@ -727,6 +765,8 @@ def main() -> None:
         "e2e/ceiling",
         "e2e/ref",
         "ceiling/ref",
+        "compute/ceiling",
+        "compute/ref",
         "input share",
         "GFLOP/s",
         "MFLOP/sample",
@@ -746,6 +786,8 @@ def main() -> None:
             f"{r['e2e'] / r['ceiling']:.0%}",
             f"{r['e2e'] / r['reference']:.2f}x",
             f"{r['ceiling'] / r['reference']:.2f}x",
+            f"{r['compute'] / r['ceiling best']:.0%}",
+            f"{r['compute'] / r['reference best']:.2f}x",
             f"{r['input_share']:.1%}",
             f"{r['gflops']:.0f}",
             f"{r['mflop/sample']:.1f}",

@@ -143,6 +143,21 @@ def test_ceiling_of_several_steps_counts_all_of_them() -> None:
     assert ceiling.seconds() == pytest.approx(ceiling.best / 3)
 
 
+def test_interleaved_runs_the_paths_in_turns_with_a_pass_after_each() -> None:
+    order = []
+
+    class Passes:
+        def sample(self) -> None:
+            order.append("pass")
+
+    def path(name: str):  # noqa: ANN202
+        return lambda: order.append(name)
+
+    bests = bench_train.interleaved([path("ours"), path("ref")], Passes(), steps=2, warmup=1)
+    assert order == ["ours", "ref"] + ["ours", "pass", "ref", "pass"] * 2
+    assert len(bests) == 2 and all(0 <= t < 0.1 for t in bests)
+
+
 def test_electronics_lengths_are_a_5_core_with_the_real_mean() -> None:
     counts = np.bincount(bench_train.RandomElectronics().event_users(np.random.default_rng(1)))
     assert len(counts) == 192_403 and counts.sum() == 1_689_188
@@ -233,10 +248,16 @@ def test_one_benchmark_row_runs_end_to_end(
         "compute",
         "reference",
         "ceiling",
+        "reference best",
+        "ceiling best",
         "gflops",
         "mflop/sample",
     ):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+    # a reference step and a ceiling pass after every timed e2e step (and the last one)
+    assert row["windows"] == 3 + 1
+    # the fastest pass is over every pass, those in the e2e windows included
+    assert row["ceiling best"] >= row["ceiling"]
     assert 0 < row["input_share"] < 1
     assert row["e2e best"] >= max(
         row["e2e"], row["e2e median"]
