@@ -98,3 +98,13 @@ def taobao_schema() -> Schema:
         behavior_names=("pv", "cart", "fav", "buy"),
         protocol="time",
     )
+
+
+@pytest.fixture(params=["kernel", "plain ops"])
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through either CPU attention path: the head-by-head kernel (every size) or
+    the plain ops over all heads (every size); by default the size decides (`_tiny`)."""
+    from seqrank.models.layers import attention
+
+    monkeypatch.setattr(attention, "TINY_TOTAL", 0 if request.param == "kernel" else 1 << 62)
+    return request.param

@@ -108,7 +108,7 @@ def _naive_attention(
 
 
 @pytest.mark.parametrize("return_weights", [False, True])
-def test_attention_matches_naive_reference(return_weights: bool) -> None:
+def test_attention_matches_naive_reference(attention_path: str, return_weights: bool) -> None:
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(16, 4, 0.3).eval()
     x = torch.randn(3, 6, 16)
@@ -122,7 +122,7 @@ def test_attention_matches_naive_reference(return_weights: bool) -> None:
     torch.testing.assert_close(out, _naive_attention(attn, x, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_fully_padded_row_is_zero_and_finite_under_bf16_autocast() -> None:
+def test_attention_fully_padded_row_is_zero_and_finite_under_bf16_autocast(attention_path: str) -> None:
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(32, 4, 0.0)
     x = torch.randn(3, 5, 32) * 30
@@ -181,7 +181,7 @@ def test_encoder_zeroes_padding_and_ignores_padded_inputs() -> None:
 
 
 @pytest.mark.parametrize("dense_rows", [True, False])
-def test_encoder_forward_groups_is_forward_of_each_group(dense_rows: bool) -> None:
+def test_encoder_forward_groups_is_forward_of_each_group(attention_path: str, dense_rows: bool) -> None:
     """Length groups with their tokens flat: every group's outputs and every gradient equal
     the encoder run on each group alone (the zeroing of rows without keys included)."""
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_chunked_attention_equals_explicit_math(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int | None, with_query_mask: bool
 ) -> None:
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
-    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if chunk is None else 0)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if chunk is None else 0)
     torch.manual_seed(0)
     B, Lq, Lk, H, d = 13, 5, 9, 4, 3
     qkv = torch.randn(B, Lq, 3, H, d, dtype=dtype, requires_grad=True)  # q as a strided view
@@ -328,7 +328,7 @@ def test_compiled_encoder_trains_with_dropout() -> None:
 
 def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_SCORES", 0)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 0)
     torch.manual_seed(0)
     q = torch.randn(6, 4, 2, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(6, 5, 2, 3, dtype=torch.float64, requires_grad=True)
@@ -350,7 +350,7 @@ def test_packed_self_attention_equals_explicit_math(
     """`self_attention` on one packed (B, L, 3, H, d) projection (ReLU fused on CPU) against the
     op-by-op math on relu(qkv).unbind(2): outputs and the packed gradient."""
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
-    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if chunk is None else 0)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if chunk is None else 0)
     torch.manual_seed(0)
     B, L, H, d = 13, 6, 4, 3
     qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64, requires_grad=True)
@@ -371,7 +371,7 @@ def test_packed_self_attention_equals_explicit_math(
 
 def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_SCORES", 0)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 0)
     torch.manual_seed(0)
     qkv = torch.randn(6, 5, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     key_mask = torch.rand(6, 5) > 0.3
@@ -393,7 +393,6 @@ def test_packed_cross_attention_equals_explicit_math(
     """`cross_attention` (ATRank's target stage: queries against one packed key/value
     projection) against the op-by-op math: outputs, and the gradients of q and of the packed kv."""
     monkeypatch.setattr(attention_module, "CHUNK_SCORES", 20)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_SCORES", 10**9 if tiny else 0)
     monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if tiny else 0)
     torch.manual_seed(0)
     B, Lk, H, d = 11, 7, 4, 3

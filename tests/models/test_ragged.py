@@ -140,7 +140,7 @@ def _same_outputs_and_gradients(model, batch, **loss_kwargs) -> None:  # noqa: A
         {"pooling": "concat", "use_user": True, "sparse_embeddings": True},
     ],
 )
-def test_bst_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
+def test_bst_groups_compute_the_padded_function(attention_path, taobao_schema, make_batch, kwargs) -> None:
     torch.manual_seed(0)
     model = BST(
         taobao_schema,
@@ -160,7 +160,7 @@ def test_bst_groups_compute_the_padded_function(taobao_schema, make_batch, kwarg
     "kwargs",
     [{}, {"group_by": "behavior"}, {"time_mode": "add"}, {"use_actions": False, "num_layers": 2}],
 )
-def test_atrank_groups_compute_the_padded_function(taobao_schema, make_batch, kwargs) -> None:
+def test_atrank_groups_compute_the_padded_function(attention_path, taobao_schema, make_batch, kwargs) -> None:
     torch.manual_seed(0)
     model = ATRank(
         taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4, **kwargs
@@ -200,7 +200,7 @@ def test_right_aligned_linear_computes_in_the_autocast_dtype() -> None:
 
 
 @pytest.mark.parametrize("cls", [BST, ATRank])
-def test_groups_under_bf16_autocast_match_the_padded_path(schema, make_batch, cls) -> None:
+def test_groups_under_bf16_autocast_match_the_padded_path(attention_path, schema, make_batch, cls) -> None:
     torch.manual_seed(0)
     model = cls(schema, embed_dim=8, num_heads=2, max_len=10, length_groups=3).eval()
     model.group_cost = 0
