@@ -178,8 +178,9 @@ class BST(nn.Module):
 
     def forward_groups(self, groups: list[tuple[Batch, int]], order: Tensor) -> Tensor:
         """`forward` on length groups: one lookup per table and one encoder pass over the tokens
-        of every group (only the attention runs per group, at the group's length), BST's flattened sequences of different lengths
-        into the first MLP layer as right-aligned columns (the zeros of the padding skipped).
+        of every group (only the attention runs per group, at the group's length), BST's
+        flattened sequences of different lengths into the first MLP layer as right-aligned
+        columns (the zeros of the padding skipped).
 
         Args:
             groups: [(group batch, history length)]; order: (B,) rows of the batch, group by

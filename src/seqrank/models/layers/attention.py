@@ -4,10 +4,14 @@
 weights times values. On CPU it runs as one autograd function that walks the heads and, for long
 histories or large batches, chunks of samples, and does every (L, L) step of a head - scores,
 mask, softmax, dropout, the product with the values, and in the backward pass their
-gradients - while the head's scores are in cache, reading and writing the heads in place. Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in
-memory (21 MB at batch 256, history 50): ten such passes cost more than the attention's
-matrix products, and about as much as the rest of the Transformer. Elsewhere (CUDA, and under
-`torch.compile`) it is `F.scaled_dot_product_attention`, whose fused kernels include dropout.
+gradients - while the head's scores are in cache, reading and writing the heads in place.
+Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in memory
+(21 MB at batch 256, history 50): ten such passes cost more than the attention's matrix
+products, and about as much as the rest of the Transformer. Small attention (all heads' scores
+together at most `TINY_TOTAL` entries: short histories, most length groups, ATRank's one-query
+target stage) runs as plain ops over all heads instead, where a few passes cost less than the
+kernel's calls per head. Elsewhere (CUDA, and under `torch.compile`) it is
+`F.scaled_dot_product_attention`, whose fused kernels include dropout.
 """
 
 from __future__ import annotations
