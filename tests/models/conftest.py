@@ -100,11 +100,35 @@ def taobao_schema() -> Schema:
     )
 
 
-@pytest.fixture(params=["kernel", "plain ops"])
+def require_fused():  # noqa: ANN201
+    """The fused C++ attention kernel; skips where no C++ toolchain exists (g++ and ninja), fails
+    where one exists but the kernel does not build."""
+    import shutil
+
+    from seqrank.models.layers import fused
+
+    if shutil.which("ninja") is None or shutil.which("c++") is None:
+        pytest.skip("no C++ toolchain (c++ and ninja): the fused attention kernel cannot be built")
+    if not fused.enabled():
+        pytest.skip("SEQRANK_FUSED_ATTENTION=0")
+    if "module" in fused._state and fused._state["module"] is None:
+        del fused._state["module"]  # a fresh attempt: a cached failure would hide the reason
+    ext = fused.kernel()
+    assert ext is not None, "the fused attention kernel did not build (see the warning)"
+    return ext
+
+
+@pytest.fixture(params=["fused", "kernel", "plain ops"])
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test through either CPU attention path: the head-by-head kernel (every size) or
-    the plain ops over all heads (every size); by default the size decides (`_tiny`)."""
+    """Run the test through each CPU attention path: the fused C++ kernel, the Python kernel
+    that walks heads (every size) or the plain ops over all heads (every size); by default the
+    fused kernel, or where it is not built the size decides (`_tiny`)."""
     from seqrank.models.layers import attention
 
-    monkeypatch.setattr(attention, "TINY_TOTAL", 0 if request.param == "kernel" else 1 << 62)
+    if request.param == "fused":
+        require_fused()
+        monkeypatch.setattr(attention, "FUSED", True)
+    else:
+        monkeypatch.setattr(attention, "FUSED", False)
+        monkeypatch.setattr(attention, "TINY_TOTAL", 0 if request.param == "kernel" else 1 << 62)
     return request.param

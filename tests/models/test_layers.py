@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from seqrank.models.layers.attention import (
     self_attention,
 )
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
+from tests.models.conftest import require_fused
 
 DAY = 86400
 
@@ -268,6 +270,24 @@ def test_random_bits16_are_uniform_in_every_lane() -> None:
 # --- the CPU attention kernel ------------------------------------------------------------------
 
 
+def _select_path(monkeypatch: pytest.MonkeyPatch, path: int | str | None) -> None:
+    """"fused": the C++ kernel; an int: the Python kernel with chunks of that many scores;
+    None: the plain ops over all heads."""
+    if path == "fused":
+        require_fused()
+        monkeypatch.setattr(attention_module, "FUSED", True)
+        return
+    monkeypatch.setattr(attention_module, "FUSED", False)
+    monkeypatch.setattr(attention_module, "CHUNK_SCORES", path or 1 << 20)
+    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if path is None else 0)
+
+
+def _head_major(path: int | str | None) -> bool:
+    """How the path lays out its dropout draws: the Python kernel head-major (H, B, Lq, Lk),
+    the plain ops and the C++ kernel sample-major (B, H, Lq, Lk)."""
+    return isinstance(path, int)
+
+
 def _explicit_attention(q, k, v, key_mask, query_mask, p, seed, head_major=True):  # noqa: ANN001, ANN202
     """attention() written op by op: explicit weights, the same keep mask (seeded)."""
     w = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
@@ -284,13 +304,12 @@ def _explicit_attention(q, k, v, key_mask, query_mask, p, seed, head_major=True)
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("chunk", [1 << 20, 7, None])  # one chunk / one sample per chunk / tiny path
+@pytest.mark.parametrize("chunk", [1 << 20, 7, None, "fused"])  # one chunk / one sample per chunk / tiny path / C++
 @pytest.mark.parametrize("with_query_mask", [False, True])
 def test_chunked_attention_equals_explicit_math(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int | None, with_query_mask: bool
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int | str | None, with_query_mask: bool
 ) -> None:
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
-    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if chunk is None else 0)
+    _select_path(monkeypatch, chunk)
     torch.manual_seed(0)
     B, Lq, Lk, H, d = 13, 5, 9, 4, 3
     qkv = torch.randn(B, Lq, 3, H, d, dtype=dtype, requires_grad=True)  # q as a strided view
@@ -302,7 +321,7 @@ def test_chunked_attention_equals_explicit_math(
     query_mask = torch.rand(B, Lq) > 0.2 if with_query_mask else None
     torch.manual_seed(5)
     y = attention(q, k, v, key_mask, query_mask, p)
-    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=chunk is not None)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk))
     tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {}
     torch.testing.assert_close(y, expected, **tol)
     assert (y[0] == 0).all()
@@ -326,9 +345,9 @@ def test_compiled_encoder_trains_with_dropout() -> None:
     assert torch.isfinite(y).all() and (y[0] == 0).all() and torch.isfinite(x.grad).all()
 
 
-def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_TOTAL", 0)
+@pytest.mark.parametrize("path", [50, "fused"])  # the Python kernel in several chunks / C++
+def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch, path: int | str) -> None:
+    _select_path(monkeypatch, path)
     torch.manual_seed(0)
     q = torch.randn(6, 4, 2, 3, dtype=torch.float64, requires_grad=True)
     k = torch.randn(6, 5, 2, 3, dtype=torch.float64, requires_grad=True)
@@ -343,14 +362,13 @@ def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("chunk", [1 << 20, 7, None])  # one chunk / one sample per chunk / tiny path
+@pytest.mark.parametrize("chunk", [1 << 20, 7, None, "fused"])  # one chunk / one sample per chunk / tiny path / C++
 def test_packed_self_attention_equals_explicit_math(
-    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, chunk: int | None
+    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, chunk: int | str | None
 ) -> None:
     """`self_attention` on one packed (B, L, 3, H, d) projection (ReLU fused on CPU) against the
     op-by-op math on relu(qkv).unbind(2): outputs and the packed gradient."""
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", chunk or 1 << 20)
-    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if chunk is None else 0)
+    _select_path(monkeypatch, chunk)
     torch.manual_seed(0)
     B, L, H, d = 13, 6, 4, 3
     qkv = torch.randn(B, L, 3, H, d, dtype=torch.float64, requires_grad=True)
@@ -360,7 +378,7 @@ def test_packed_self_attention_equals_explicit_math(
     torch.manual_seed(5)
     y = self_attention(qkv, key_mask, query_mask, p, relu=relu)
     q, k, v = (torch.relu(qkv) if relu else qkv).unbind(2)
-    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=chunk is not None)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk))
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     assert (y[0] == 0).all()
     g = torch.randn_like(y)
@@ -369,9 +387,9 @@ def test_packed_self_attention_equals_explicit_math(
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 50)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_TOTAL", 0)
+@pytest.mark.parametrize("path", [50, "fused"])  # the Python kernel in several chunks / C++
+def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch, path: int | str) -> None:
+    _select_path(monkeypatch, path)
     torch.manual_seed(0)
     qkv = torch.randn(6, 5, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     key_mask = torch.rand(6, 5) > 0.3
@@ -386,14 +404,13 @@ def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("Lq", [1, 3])
-@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("path", [20, None, "fused"])  # Python kernel, several chunks / tiny path / C++
 def test_packed_cross_attention_equals_explicit_math(
-    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, Lq: int, tiny: bool
+    monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, Lq: int, path: int | str | None
 ) -> None:
     """`cross_attention` (ATRank's target stage: queries against one packed key/value
     projection) against the op-by-op math: outputs, and the gradients of q and of the packed kv."""
-    monkeypatch.setattr(attention_module, "CHUNK_SCORES", 20)  # several chunks
-    monkeypatch.setattr(attention_module, "TINY_TOTAL", 10**9 if tiny else 0)
+    _select_path(monkeypatch, path)
     torch.manual_seed(0)
     B, Lk, H, d = 11, 7, 4, 3
     q = torch.randn(B, Lq, H, d, dtype=torch.float64, requires_grad=True)
@@ -404,10 +421,112 @@ def test_packed_cross_attention_equals_explicit_math(
     y = cross_attention(q, kv, key_mask, None, p, relu=relu)
     act = torch.relu if relu else (lambda t: t)
     k, v = act(kv).unbind(2)
-    expected = _explicit_attention(act(q), k, v, key_mask, None, p, seed=5, head_major=not tiny)
+    expected = _explicit_attention(act(q), k, v, key_mask, None, p, seed=5, head_major=_head_major(path))
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     g = torch.randn_like(y)
     for got, want in zip(
         torch.autograd.grad(y, (q, kv), g), torch.autograd.grad(expected, (q, kv), g), strict=True
     ):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+# --- the fused C++ kernel: its vectorised float32 path, its build and fallback ---------------
+
+
+@pytest.mark.parametrize("d", [8, 16, 32, 64, 12])  # vectorised widths, and one that is not
+@pytest.mark.parametrize("Lk", [1, 8, 13, 50])  # keys padded to a multiple of 8 inside
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_float32_matches_float64_math(
+    monkeypatch: pytest.MonkeyPatch, d: int, Lk: int, p: float, relu: bool
+) -> None:
+    """The float32 kernel (8-wide vectors, its own exp) against the op-by-op math in float64 on
+    the same inputs: outputs and the packed gradients to float32 accuracy, zero rows exact."""
+    _select_path(monkeypatch, "fused")
+    torch.manual_seed(0)
+    B, H = 9, 2
+    qkv = torch.randn(B, Lk, 3, H, d, dtype=torch.float64) * 2  # scores of a few units
+    key_mask = torch.rand(B, Lk) > 0.3
+    key_mask[0], key_mask[1] = False, True  # a row without keys, a row with all
+    query_mask = key_mask & (torch.rand(B, Lk) > 0.2)
+    x32 = qkv.float().requires_grad_()
+    torch.manual_seed(5)
+    y = self_attention(x32, key_mask, query_mask, p, relu=relu)
+    x64 = qkv.requires_grad_()
+    q, k, v = (torch.relu(x64) if relu else x64).unbind(2)
+    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=False)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, atol=2e-5, rtol=1e-4)
+    assert (y[0] == 0).all() and (y[~query_mask] == 0).all()
+    g = torch.randn(y.shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(y, x32, g.float())
+    (want,) = torch.autograd.grad(expected, x64, g)
+    torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-4)
+
+
+def test_fused_softmax_is_exact_for_extreme_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores far apart (one key dominates by 1e4) and all equal: weights one-hot and uniform,
+    no NaN or overflow from the kernel's exp."""
+    _select_path(monkeypatch, "fused")
+    B, L, H, d = 2, 9, 1, 8
+    q = torch.zeros(B, 1, H, d)
+    q[0, 0, 0, 0] = 100.0
+    kv = torch.zeros(B, L, 2, H, d)
+    kv[0, 3, 0, 0, 0] = 1000.0  # sample 0: key 3 scores 1e5 / sqrt(8), the others 0
+    kv[:, :, 1, 0, 0] = torch.arange(L, dtype=torch.float32)  # value = the key's index
+    y = cross_attention(q, kv, torch.ones(B, L, dtype=torch.bool))
+    assert y[0, 0, 0].item() == 3.0  # all weight on key 3
+    torch.testing.assert_close(y[1, 0, 0], torch.tensor((L - 1) / 2))  # uniform: the mean index
+
+
+def test_fused_kernel_is_the_default_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernel built, float32 CPU attention goes through it (not the Python kernels),
+    and `SEQRANK_FUSED_ATTENTION=0` switches it off."""
+    require_fused()
+    calls = []
+    real = attention_module._FusedAttention.apply
+    monkeypatch.setattr(
+        attention_module._FusedAttention, "apply", lambda *a: calls.append(1) or real(*a)
+    )
+    qkv = torch.randn(4, 6, 3, 2, 8)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    self_attention(qkv, mask)
+    attention(*qkv.unbind(2), mask)
+    assert len(calls) == 2
+    monkeypatch.setenv("SEQRANK_FUSED_ATTENTION", "0")
+    self_attention(qkv, mask)
+    assert len(calls) == 2
+
+
+def test_fused_build_failure_warns_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A kernel that cannot be built (here: a compiler that does not exist) gives one warning
+    naming the build directory, and attention runs through the Python kernels, same results."""
+    from seqrank.models.layers import fused
+
+    monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(fused, "_state", {})
+    monkeypatch.setattr(attention_module, "FUSED", True)
+    qkv = torch.randn(3, 5, 3, 2, 8, dtype=torch.float64)
+    mask = torch.rand(3, 5) > 0.3
+    with pytest.warns(RuntimeWarning, match="could not be built in .*attention-"):
+        y = self_attention(qkv, mask, mask)
+    assert fused._state["module"] is None
+    q, k, v = qkv.unbind(2)
+    torch.testing.assert_close(y, _explicit_attention(q, k, v, mask, mask, 0.0, seed=0))
+
+
+def test_fused_build_dir_is_keyed_by_cpu_torch_and_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """-march=native binaries must not be shared across CPUs: another CPU id, torch version or
+    source gives another cache directory; the same inputs the same one."""
+    from seqrank.models.layers import fused
+
+    monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
+    first = fused.build_dir()
+    assert first.parent == tmp_path and first == fused.build_dir()
+    monkeypatch.setattr(fused, "_cpu_id", lambda: "another cpu")
+    assert fused.build_dir() != first

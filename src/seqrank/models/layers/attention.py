@@ -1,17 +1,18 @@
 """Multi-head scaled dot-product attention over padded sequences (Vaswani et al., 2017).
 
 `attention` is the core both models use: softmax over the valid keys, dropout on the weights,
-weights times values. On CPU it runs as one autograd function that walks the heads and, for long
-histories or large batches, chunks of samples, and does every (L, L) step of a head - scores,
-mask, softmax, dropout, the product with the values, and in the backward pass their
-gradients - while the head's scores are in cache, reading and writing the heads in place.
-Written op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in memory
-(21 MB at batch 256, history 50): ten such passes cost more than the attention's matrix
-products, and about as much as the rest of the Transformer. Small attention (all heads' scores
-together at most `TINY_TOTAL` entries: short histories, most length groups, ATRank's one-query
-target stage) runs as plain ops over all heads instead, where a few passes cost less than the
-kernel's calls per head. Elsewhere (CUDA, and under `torch.compile`) it is
-`F.scaled_dot_product_attention`, whose fused kernels include dropout.
+weights times values. On CPU, in float32 and float64, it runs as one fused C++ call per pass
+(`fused.py`, `csrc/attention.cpp`): for every (sample, head) the scores, key mask, softmax,
+dropout and product with the values - and in the backward call their gradients - with the
+head's q, k, v and scores in L1 cache, ReLU (ATRank's activated Q/K/V) applied on load. Written
+op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in memory and an op
+call with its overhead; at these sizes (16-wide heads, histories of 5-50) the calls and passes,
+not the FLOPs, are the cost. In half precision, and where the kernel is not built (no compiler,
+or `SEQRANK_FUSED_ATTENTION=0`), two Python kernels do the same: one autograd function that walks
+the heads and chunks of samples with each head's scores in cache, and, for small attention (all
+heads' scores together at most `TINY_TOTAL` entries), plain ops over all heads. Elsewhere (CUDA,
+and under `torch.compile`) it is `F.scaled_dot_product_attention`, whose fused kernels include
+dropout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqrank.models.layers import fused
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
@@ -37,10 +39,23 @@ CHUNK_SCORES = 1 << 20
 # for BST and ATRank than with a 1 MiB bound; on full histories of 50 (scores of 20-80 MiB)
 # the kernel is 10-35% faster than plain ops.
 TINY_TOTAL = 1 << 21
+# the fused C++ kernel (`fused.py`, `csrc/attention.cpp`) runs CPU attention in float32 and
+# float64 when it is built (else the Python kernels above, which are also its reference in the
+# tests); measured fwd + bwd of one self-attention (batch 256, 8 heads of 16, 2 threads):
+# history 20: 8.2 ms vs 17.8 (Python kernels); history 50: 25.4 ms vs 41.5; 64 x 5: 0.35 vs 1.0
+FUSED = True
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_EMPTY_BITS = torch.empty(0, dtype=torch.int16)
+_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
 
 def _tiny(B: int, H: int, Lq: int, Lk: int) -> bool:
     return B * H * Lq * Lk <= TINY_TOTAL
+
+
+def _fused_kernel(x: Tensor):  # noqa: ANN202
+    """The fused C++ kernel for a CPU float32/float64 input, when `FUSED` and it is built."""
+    return fused.kernel() if FUSED and x.dtype in _FUSED_DTYPES else None
 
 
 def attention(
@@ -75,6 +90,11 @@ def attention(
     if query_mask is not None:
         row_valid = row_valid & query_mask
     if q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: inductor fuses SDPA
+        ext = _fused_kernel(q)
+        if ext is not None:  # k and v packed for the kernel: one small copy
+            rows = None if bool(row_valid.all()) else row_valid
+            kv = torch.stack([k, v], dim=2)  # (B, Lk, 2, H, d)
+            return _FusedAttention.apply(q[:, :, None], kv, attend, rows, dropout, scale, False, False, ext)
         if _tiny(B, H, Lq, k.shape[1]):  # e.g. one query (ATRank's target): a few ops for all heads
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
             y = apply_dropout(weights, dropout) @ v.transpose(1, 2)  # (B, H, Lq, d)
@@ -148,7 +168,8 @@ def _packed_attention(
     B, Lq, _, H, d = q_src.shape
     Lk = kv_src.shape[1]
     cpu = q_src.device.type == "cpu" and not torch.compiler.is_compiling()
-    if not cpu or _tiny(B, H, Lq, Lk):
+    ext = _fused_kernel(q_src) if cpu else None
+    if ext is None and (not cpu or _tiny(B, H, Lq, Lk)):
         if relu:
             q_src, kv_src = (F.relu(q_src), F.relu(kv_src)) if q_src is not kv_src else (F.relu(q_src),) * 2
         return attention(q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], key_mask, query_mask, dropout)
@@ -158,6 +179,10 @@ def _packed_attention(
         row_valid = row_valid & query_mask
     attend = key_mask | ~has_key[:, None]  # (B, Lk)
     rows = None if bool(row_valid.all()) else row_valid
+    if ext is not None:
+        return _FusedAttention.apply(
+            q_src, kv_src, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q_src is kv_src, ext
+        )
     return _PackedAttention.apply(
         q_src, kv_src, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q_src is kv_src
     )
@@ -325,6 +350,45 @@ class _PackedAttention(torch.autograd.Function):
 
         _attention_backward(ctx, grad, _packed_heads(q_src, kv_src, ctx.relu), write)
         return dkv if ctx.same else dq, None if ctx.same else dkv, None, None, None, None, None, None
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The CPU path of `self_attention` and `cross_attention` when the fused kernel is built
+    (`fused.py`): one C++ call for the forward and one for the backward, each walking every
+    (sample, head) with its q, k, v, scores and gradients in L1 cache, ReLU applied on load.
+    Same packed layouts and saved tensors as `_PackedAttention` (P is (B, H, Lq, Lk) here).
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN001, PLR0913
+        ctx, q_src: Tensor, kv_src: Tensor, attend: Tensor, rows: Tensor | None, p: float,
+        scale: float, relu: bool, same: bool, ext,
+    ) -> Tensor:
+        B, Lq, _, H, d = q_src.shape
+        Lk = kv_src.shape[1]
+        bits = random_bits16((B, H, Lq, Lk)) if p > 0 else _EMPTY_BITS
+        threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
+        rows_t = _EMPTY_BOOL if rows is None else rows.contiguous()
+        q, k, v = q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1]  # (B, L, H, d) views
+        out, P = ext.forward(
+            q, k, v, attend.contiguous(), rows_t, bits, threshold, keep_scale, scale, relu
+        )
+        ctx.save_for_backward(q_src, kv_src, P, bits)
+        ctx.args = (threshold, keep_scale, scale, relu, same, ext)
+        return out.view(B, Lq, H * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        q_src, kv_src, P, bits = ctx.saved_tensors
+        threshold, keep_scale, scale, relu, same, ext = ctx.args
+        B, Lq, _, H, d = q_src.shape
+        dkv = torch.empty_like(kv_src) if kv_src.shape[2] in (2, 3) else torch.zeros_like(kv_src)
+        dq = dkv if same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
+        ext.backward(
+            grad.contiguous().view(B, Lq, H, d), q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], P,
+            bits, threshold, keep_scale, scale, relu, dq[:, :, 0], dkv[:, :, -2], dkv[:, :, -1],
+        )
+        return dkv if same else dq, None if same else dkv, None, None, None, None, None, None, None
 
 
 def _packed_heads(q_src: Tensor, kv_src: Tensor, relu: bool):  # noqa: ANN202

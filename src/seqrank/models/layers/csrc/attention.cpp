@@ -1,0 +1,661 @@
+// Fused multi-head attention for the CPU: one call does, for every (sample, head), the scores,
+// the key mask, the softmax, dropout on the weights and the product with the values (and in the
+// backward call their gradients), with the head's q, k, v, scores and gradients in L1 cache.
+//
+// Built on first use by torch.utils.cpp_extension (seqrank/models/layers/fused.py); the Python
+// kernels in attention.py are the reference it is tested against and the fallback where it
+// cannot be built. Inputs are strided (B, L, H, d) views whose last axis is contiguous (q, k and
+// v may be slices of one packed projection); gradients are written through views of the same
+// layout, so packed projections get packed gradients without a copy.
+//
+// Shapes: q (B, Lq, H, d); k, v (B, Lk, H, d); attend (B, Lk) bool, at least one true key per
+// sample; rows (B, Lq) bool or empty (false rows get zero weights and a zero output); bits
+// (B, H, Lq, Lk) int16 dropout draws or empty (keep where bits >= threshold, kept weights scaled
+// by keep_scale); P (B, H, Lq, Lk) the softmax weights, saved by forward for backward. With
+// `relu`, q, k and v are the pre-activations: ReLU on load, its gradient on store.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// exp for float with relative error ~1e-7 (2^n times a degree-6 polynomial on
+// [-ln2/2, ln2/2]), branch-free so that loops over it vectorise; x <= 0 here (scores minus the
+// row max), and x below -80 returns exp(-80) ~ 2e-35 instead of an exact 0 (negligible beside
+// the max's 1; and a normal float: denormals would cost ~100 cycles per operation).
+inline float exp_neg(float x) {
+  x = x < -80.0f ? -80.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = x * 1.44269504088896341f + magic;
+  int32_t n;
+  std::memcpy(&n, &t, sizeof n);
+  n -= 0x4B400000;  // the integer in t's low mantissa bits
+  float fn = t - magic;
+  float r = x - fn * 0.693145751953125f - fn * 1.42860682030941723e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t e = (n + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof s);
+  return p * s;
+}
+
+inline double exp_neg(double x) { return std::exp(x); }
+
+struct Strided {  // a (B, L, H, d) view with a contiguous last axis
+  int64_t b, l, h;
+};
+
+inline Strided strides_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "fused attention: ", name, " must be (B, L, H, d), got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fused attention: ", name,
+              " needs a contiguous last axis, got strides ", t.strides());
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// head h of sample b of a strided view into a dense (L, d) buffer (ReLU'd with `relu`)
+template <typename T>
+inline void load(const T* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t d, bool relu,
+                 T* out) {
+  for (int64_t l = 0; l < L; ++l) {
+    const T* src = base + b * s.b + l * s.l + h * s.h;
+    T* dst = out + l * d;
+    if (relu) {
+      for (int64_t c = 0; c < d; ++c) dst[c] = std::max(src[c], T(0));
+    } else {
+      for (int64_t c = 0; c < d; ++c) dst[c] = src[c];
+    }
+  }
+}
+
+// the same head as a dense (d, L) buffer (transposed: loops over keys run along rows)
+template <typename T>
+inline void load_t(const T* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t d, bool relu,
+                   T* out) {
+  for (int64_t l = 0; l < L; ++l) {
+    const T* src = base + b * s.b + l * s.l + h * s.h;
+    for (int64_t c = 0; c < d; ++c) {
+      const T x = src[c];
+      out[c * L + l] = relu ? std::max(x, T(0)) : x;  // branch-free: the signs are random
+    }
+  }
+}
+
+// a dense (L, d) gradient into a strided view; with `relu`, zero where the pre-activation <= 0
+template <typename T>
+inline void store(const T* grad, const T* pre, Strided sp, T* base, Strided s, int64_t b,
+                  int64_t h, int64_t L, int64_t d, bool relu) {
+  for (int64_t l = 0; l < L; ++l) {
+    const T* src = grad + l * d;
+    T* dst = base + b * s.b + l * s.l + h * s.h;
+    if (relu) {
+      const T* x = pre + b * sp.b + l * sp.l + h * sp.h;
+      for (int64_t c = 0; c < d; ++c) dst[c] = x[c] > T(0) ? src[c] : T(0);
+    } else {
+      for (int64_t c = 0; c < d; ++c) dst[c] = src[c];
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& attend, const at::Tensor& rows, const at::Tensor& bits,
+                  int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& out,
+                  at::Tensor& P) {
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
+  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const bool* ap = attend.data_ptr<bool>();
+  const bool* rp = rows.numel() ? rows.data_ptr<bool>() : nullptr;
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  T* op = out.data_ptr<T>();  // (B, Lq, H, d) contiguous
+  T* pp = P.data_ptr<T>();    // (B, H, Lq, Lk) contiguous
+  const T sc = static_cast<T>(scale), ks = static_cast<T>(keep_scale);
+  const int16_t thr = static_cast<int16_t>(threshold);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
+
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(Lq * d + 2 * Lk * d + 2 * Lk + d);
+    T* qb = buf.data();          // (Lq, d)
+    T* kt = qb + Lq * d;         // (d, Lk)
+    T* vb = kt + d * Lk;         // (Lk, d)
+    T* w = vb + Lk * d;          // (Lk,) dropped weights of one row
+    T* mask = w + Lk;            // (Lk,) 0 at attended keys, -inf elsewhere
+    T* acc = mask + Lk;          // (d,)
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / H, h = n % H;
+      load(qp, sq, b, h, Lq, d, relu, qb);
+      load_t(kp, sk, b, h, Lk, d, relu, kt);
+      load(vp, sv, b, h, Lk, d, relu, vb);
+      for (int64_t j = 0; j < Lk; ++j)
+        mask[j] = ap[b * Lk + j] ? T(0) : -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < Lq; ++i) {
+        T* s = pp + (n * Lq + i) * Lk;  // this row of P: the scores first
+        T* o = op + ((b * Lq + i) * H + h) * d;
+        if (rp && !rp[b * Lq + i]) {
+          std::fill(s, s + Lk, T(0));
+          std::fill(o, o + d, T(0));
+          continue;
+        }
+        for (int64_t j = 0; j < Lk; ++j) s[j] = mask[j];
+        for (int64_t c = 0; c < d; ++c) {
+          const T a = qb[i * d + c] * sc;
+          const T* kr = kt + c * Lk;
+          for (int64_t j = 0; j < Lk; ++j) s[j] += a * kr[j];
+        }
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < Lk; ++j) mx = s[j] > mx ? s[j] : mx;
+        if (mx == -std::numeric_limits<T>::infinity()) {  // no key to attend: a zero row
+          std::fill(s, s + Lk, T(0));
+          std::fill(o, o + d, T(0));
+          continue;
+        }
+        T sum = 0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const T e = exp_neg(s[j] - mx);  // masked: exp(-inf) -> ~1e-38, zeroed below
+          s[j] = e;
+          sum += e;
+        }
+        const T inv = T(1) / sum;
+        for (int64_t j = 0; j < Lk; ++j) s[j] = mask[j] == T(0) ? s[j] * inv : T(0);
+        if (bp) {
+          const int16_t* br = bp + (n * Lq + i) * Lk;
+          for (int64_t j = 0; j < Lk; ++j) w[j] = br[j] >= thr ? s[j] * ks : T(0);
+        } else {
+          for (int64_t j = 0; j < Lk; ++j) w[j] = s[j];
+        }
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const T wj = w[j];
+          const T* vr = vb + j * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += wj * vr[c];
+        }
+        for (int64_t c = 0; c < d; ++c) o[c] = acc[c];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits,
+                   int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
+  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+  const Strided sg = strides_of(grad, "grad");
+  const Strided sdq = strides_of(dq, "dq"), sdk = strides_of(dk, "dk"), sdv = strides_of(dv, "dv");
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* gp = grad.data_ptr<T>();
+  const T* pp = P.data_ptr<T>();
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const T sc = static_cast<T>(scale), ks = static_cast<T>(keep_scale);
+  const int16_t thr = static_cast<int16_t>(threshold);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
+
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(2 * Lq * d + 2 * Lk * d + d * Lk + 2 * Lk * d + 2 * Lk);
+    T* qb = buf.data();       // (Lq, d)
+    T* dqb = qb + Lq * d;     // (Lq, d)
+    T* kb = dqb + Lq * d;     // (Lk, d)
+    T* vt = kb + Lk * d;      // (d, Lk)
+    T* dkb = vt + d * Lk;     // (Lk, d)
+    T* dvb = dkb + Lk * d;    // (Lk, d)
+    T* dw = dvb + Lk * d;     // (Lk,) gradient of one row of the weights
+    T* w = dw + Lk;           // (Lk,) dropped weights of the row
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / H, h = n % H;
+      load(qp, sq, b, h, Lq, d, relu, qb);
+      load(kp, sk, b, h, Lk, d, relu, kb);
+      load_t(vp, sv, b, h, Lk, d, relu, vt);
+      std::fill(dkb, dkb + 2 * Lk * d, T(0));  // dk and dv
+      for (int64_t i = 0; i < Lq; ++i) {
+        const T* p = pp + (n * Lq + i) * Lk;
+        const T* g = gp + b * sg.b + i * sg.l + h * sg.h;
+        T* dqr = dqb + i * d;
+        // dw = g v^T (times the dropout's mask and scale)
+        for (int64_t j = 0; j < Lk; ++j) dw[j] = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const T gc = g[c];
+          const T* vr = vt + c * Lk;
+          for (int64_t j = 0; j < Lk; ++j) dw[j] += gc * vr[j];
+        }
+        if (bp) {
+          const int16_t* br = bp + (n * Lq + i) * Lk;
+          for (int64_t j = 0; j < Lk; ++j) {
+            const T keep = br[j] >= thr ? ks : T(0);
+            dw[j] *= keep;
+            w[j] = p[j] * keep;
+          }
+        } else {
+          for (int64_t j = 0; j < Lk; ++j) w[j] = p[j];
+        }
+        // dv += w^T g
+        for (int64_t j = 0; j < Lk; ++j) {
+          const T wj = w[j];
+          T* r = dvb + j * d;
+          for (int64_t c = 0; c < d; ++c) r[c] += wj * g[c];
+        }
+        // softmax backward, the score scale folded in: ds = p * (dw - <p, dw>) * scale
+        T dot = 0;
+        for (int64_t j = 0; j < Lk; ++j) dot += p[j] * dw[j];
+        for (int64_t j = 0; j < Lk; ++j) dw[j] = p[j] * (dw[j] - dot) * sc;
+        // dq = ds k, dk += ds^T q
+        for (int64_t c = 0; c < d; ++c) dqr[c] = 0;
+        const T* qr = qb + i * d;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const T s = dw[j];
+          const T* kr = kb + j * d;
+          T* dkr = dkb + j * d;
+          for (int64_t c = 0; c < d; ++c) {
+            dqr[c] += s * kr[c];
+            dkr[c] += s * qr[c];
+          }
+        }
+      }
+      store(dqb, qp, sq, dqp, sdq, b, h, Lq, d, relu);
+      store(dkb, kp, sk, dkp, sdk, b, h, Lk, d, relu);
+      store(dvb, vp, sv, dvp, sdv, b, h, Lk, d, relu);
+    }
+  });
+}
+
+// ---- float fast path: 8-wide vectors (GCC vector extensions: AVX with -march=native on x86,
+// pairs of 128-bit registers elsewhere), head width d a multiple of 8, keys padded to a
+// multiple of 8 in the per-head buffers (padding: score -1e30, weight 0).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads and stores
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 ld(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void st(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline float hsum(v8 x) {
+  float s = 0;
+  for (int l = 0; l < 8; ++l) s += x[l];
+  return s;
+}
+inline float hmax(v8 x) {
+  float m = x[0];
+  for (int l = 1; l < 8; ++l) m = x[l] > m ? x[l] : m;
+  return m;
+}
+
+inline v8 vexp_neg(v8 x) {  // exp_neg, 8 at a time
+  const v8 lo = splat(-80.0f), magic = splat(12582912.0f);
+  x = x < lo ? lo : x;
+  v8 t = x * 1.44269504088896341f + magic;
+  v8i n = reinterpret_cast<v8i>(t) - 0x4B400000;
+  v8 fn = t - magic;
+  v8 r = x - fn * 0.693145751953125f - fn * 1.42860682030941723e-6f;
+  v8 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * reinterpret_cast<v8>((n + 127) << 23);
+}
+
+// head h of sample b, (L, d) rows of d/8 vectors, ReLU'd with `relu`
+inline void vload(const float* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t nd,
+                  bool relu, v8* out) {
+  const v8 zero = splat(0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    const float* src = base + b * s.b + l * s.l + h * s.h;
+    for (int64_t c = 0; c < nd; ++c) {
+      v8 x = ld(src + 8 * c);
+      out[l * nd + c] = relu ? (x > zero ? x : zero) : x;
+    }
+  }
+}
+
+// the same head transposed, (d, Lp): row c holds feature c of every key, zero-padded
+inline void vload_t(const float* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t Lp,
+                    int64_t d, bool relu, float* out) {
+  const v8 zero = splat(0.0f);
+  for (int64_t c = 0; c < d; ++c) std::fill(out + c * Lp + L, out + (c + 1) * Lp, 0.0f);
+  for (int64_t l = 0; l < L; ++l) {  // branch-free: the signs of x are random
+    const float* src = base + b * s.b + l * s.l + h * s.h;
+    for (int64_t c = 0; c < d; c += 8) {
+      v8 x = ld(src + c);
+      if (relu) x = x > zero ? x : zero;
+      for (int lane = 0; lane < 8; ++lane) out[(c + lane) * Lp + l] = x[lane];
+    }
+  }
+}
+
+inline void vstore(const v8* grad, const float* pre, Strided sp, float* base, Strided s,
+                   int64_t b, int64_t h, int64_t L, int64_t nd, bool relu) {
+  const v8 zero = splat(0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    float* dst = base + b * s.b + l * s.l + h * s.h;
+    const float* x = pre + b * sp.b + l * sp.l + h * sp.h;
+    for (int64_t c = 0; c < nd; ++c) {
+      v8 g = grad[l * nd + c];
+      st(dst + 8 * c, relu ? (ld(x + 8 * c) > zero ? g : zero) : g);
+    }
+  }
+}
+
+// ND = d / 8 vectors per row, a constant: the accumulators of a row stay in registers (through
+// pointers into the buffers, each += would be a store and a load on the chain of additions)
+template <int ND>
+void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& attend, const at::Tensor& rows, const at::Tensor& bits,
+                  int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& out,
+                  at::Tensor& P) {
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = 8 * ND, Lk = k.size(1);
+  const int64_t nd = ND, Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
+  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* ap = attend.data_ptr<bool>();
+  const bool* rp = rows.numel() ? rows.data_ptr<bool>() : nullptr;
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  float* op = out.data_ptr<float>();
+  float* pp = P.data_ptr<float>();
+  const float sc = static_cast<float>(scale), ks = static_cast<float>(keep_scale);
+  const int16_t thr = static_cast<int16_t>(threshold);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
+
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<v8> buf(Lq * nd + d * nk + Lk * nd + 4 * nk);
+    v8* qb = buf.data();                                // (Lq, d)
+    float* kt = reinterpret_cast<float*>(qb + Lq * nd);  // (d, Lp)
+    v8* vb = qb + Lq * nd + d * nk;                     // (Lk, d)
+    v8* add = vb + Lk * nd;                             // (Lp,) 0 at attended keys, else -1e30
+    v8* keep = add + nk;                                // (Lp,) 1 at attended keys, else 0
+    v8* s = keep + nk;                                  // (Lp,) one row of scores / weights
+    float* w = reinterpret_cast<float*>(s + nk);        // (Lp,) the row's dropped weights
+    float* addf = reinterpret_cast<float*>(add);
+    float* keepf = reinterpret_cast<float*>(keep);
+    float* sf = reinterpret_cast<float*>(s);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / H, h = n % H;
+      vload(qp, sq, b, h, Lq, nd, relu, qb);
+      vload_t(kp, sk, b, h, Lk, Lp, d, relu, kt);
+      vload(vp, sv, b, h, Lk, nd, relu, vb);
+      bool any = false;
+      for (int64_t j = 0; j < Lp; ++j) {
+        const bool a = j < Lk && ap[b * Lk + j];
+        any |= a;
+        addf[j] = a ? 0.0f : -1e30f;
+        keepf[j] = a ? 1.0f : 0.0f;
+      }
+      for (int64_t i = 0; i < Lq; ++i) {
+        float* prow = pp + (n * Lq + i) * Lk;
+        float* o = op + ((b * Lq + i) * H + h) * d;
+        if (!any || (rp && !rp[b * Lq + i])) {  // a zero row
+          std::fill(prow, prow + Lk, 0.0f);
+          std::fill(o, o + d, 0.0f);
+          continue;
+        }
+        const float* qr = reinterpret_cast<const float*>(qb + i * nd);
+        v8 qs[8 * ND];
+        for (int c = 0; c < 8 * ND; ++c) qs[c] = splat(qr[c] * sc);
+        const v8* ktv = reinterpret_cast<const v8*>(kt);
+        for (int64_t u = 0; u < nk; ++u) {  // scores of keys 8u..8u+7: two chains of FMAs
+          v8 a0 = add[u], a1 = splat(0.0f);
+          for (int c = 0; c < 8 * ND; c += 2) {
+            a0 += qs[c] * ktv[c * nk + u];
+            a1 += qs[c + 1] * ktv[(c + 1) * nk + u];
+          }
+          s[u] = a0 + a1;
+        }
+        v8 mv = s[0];
+        for (int64_t u = 1; u < nk; ++u) mv = s[u] > mv ? s[u] : mv;
+        const v8 mx = splat(hmax(mv));
+        v8 sv8 = splat(0.0f);
+        for (int64_t u = 0; u < nk; ++u) {
+          s[u] = vexp_neg(s[u] - mx) * keep[u];
+          sv8 += s[u];
+        }
+        const v8 inv = splat(1.0f / hsum(sv8));
+        for (int64_t u = 0; u < nk; ++u) s[u] *= inv;
+        std::memcpy(prow, sf, Lk * sizeof(float));
+        const float* wr = sf;
+        if (bp) {
+          const int16_t* br = bp + (n * Lq + i) * Lk;
+          for (int64_t j = 0; j < Lk; ++j) w[j] = br[j] >= thr ? sf[j] * ks : 0.0f;
+          wr = w;
+        }
+        v8 a0[ND], a1[ND];  // even and odd keys: two chains per vector
+        for (int c = 0; c < ND; ++c) a0[c] = a1[c] = splat(0.0f);
+        int64_t j = 0;
+        for (; j + 1 < Lk; j += 2) {
+          const v8 w0 = splat(wr[j]), w1 = splat(wr[j + 1]);
+          for (int c = 0; c < ND; ++c) {
+            a0[c] += w0 * vb[j * ND + c];
+            a1[c] += w1 * vb[(j + 1) * ND + c];
+          }
+        }
+        if (j < Lk) {
+          const v8 w0 = splat(wr[j]);
+          for (int c = 0; c < ND; ++c) a0[c] += w0 * vb[j * ND + c];
+        }
+        for (int c = 0; c < ND; ++c) st(o + 8 * c, a0[c] + a1[c]);
+      }
+    }
+  });
+}
+
+template <int ND>
+void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits,
+                   int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = 8 * ND, Lk = k.size(1);
+  const int64_t nd = ND, Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
+  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+  const Strided sg = strides_of(grad, "grad");
+  const Strided sdq = strides_of(dq, "dq"), sdk = strides_of(dk, "dk"), sdv = strides_of(dv, "dv");
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const float* pp = P.data_ptr<float>();
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale), ks = static_cast<float>(keep_scale);
+  const int16_t thr = static_cast<int16_t>(threshold);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
+
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<v8> buf(2 * Lq * nd + 3 * Lk * nd + d * nk + 3 * nk);
+    v8* qb = buf.data();                                // (Lq, d)
+    v8* dqb = qb + Lq * nd;                             // (Lq, d)
+    v8* kb = dqb + Lq * nd;                             // (Lk, d)
+    v8* dkb = kb + Lk * nd;                             // (Lk, d)
+    v8* dvb = dkb + Lk * nd;                            // (Lk, d)
+    float* vt = reinterpret_cast<float*>(dvb + Lk * nd);  // (d, Lp)
+    v8* dw = dvb + Lk * nd + d * nk;                    // (Lp,) gradient of a row of weights
+    v8* p = dw + nk;                                    // (Lp,) the row's weights, zero-padded
+    float* w = reinterpret_cast<float*>(p + nk);        // (Lp,) the row's dropped weights
+    float* dwf = reinterpret_cast<float*>(dw);
+    float* pf = reinterpret_cast<float*>(p);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / H, h = n % H;
+      vload(qp, sq, b, h, Lq, nd, relu, qb);
+      vload(kp, sk, b, h, Lk, nd, relu, kb);
+      vload_t(vp, sv, b, h, Lk, Lp, d, relu, vt);
+      std::fill(dkb, dkb + 2 * Lk * nd, splat(0.0f));  // dk and dv
+      for (int64_t u = 0; u < nk; ++u) p[u] = splat(0.0f);
+      for (int64_t i = 0; i < Lq; ++i) {
+        std::memcpy(pf, pp + (n * Lq + i) * Lk, Lk * sizeof(float));
+        const float* g = gp + b * sg.b + i * sg.l + h * sg.h;
+        v8 gv[ND], gs[8 * ND];
+        for (int c = 0; c < ND; ++c) gv[c] = ld(g + 8 * c);
+        for (int c = 0; c < 8 * ND; ++c) gs[c] = splat(g[c]);
+        // dw = g v^T (times the dropout's mask and scale)
+        const v8* vtv = reinterpret_cast<const v8*>(vt);
+        for (int64_t u = 0; u < nk; ++u) {
+          v8 a0 = splat(0.0f), a1 = splat(0.0f);
+          for (int c = 0; c < 8 * ND; c += 2) {
+            a0 += gs[c] * vtv[c * nk + u];
+            a1 += gs[c + 1] * vtv[(c + 1) * nk + u];
+          }
+          dw[u] = a0 + a1;
+        }
+        const float* wr = pf;
+        if (bp) {
+          const int16_t* br = bp + (n * Lq + i) * Lk;
+          for (int64_t j = 0; j < Lk; ++j) {
+            const float kj = br[j] >= thr ? ks : 0.0f;
+            dwf[j] *= kj;
+            w[j] = pf[j] * kj;
+          }
+          wr = w;
+        }
+        // dv += w^T g
+        for (int64_t j = 0; j < Lk; ++j) {
+          const v8 wj = splat(wr[j]);
+          v8* r = dvb + j * nd;
+          for (int64_t c = 0; c < nd; ++c) r[c] += wj * gv[c];
+        }
+        // softmax backward, the score scale folded in: ds = p * (dw - <p, dw>) * scale
+        v8 dv8 = splat(0.0f);
+        for (int64_t u = 0; u < nk; ++u) dv8 += p[u] * dw[u];
+        const v8 dot = splat(hsum(dv8));
+        for (int64_t u = 0; u < nk; ++u) dw[u] = p[u] * (dw[u] - dot) * sc;
+        // dq = ds k, dk += ds^T q
+        v8 qr[ND], a0[ND], a1[ND];  // dq: even and odd keys, two chains per vector
+        for (int c = 0; c < ND; ++c) {
+          qr[c] = qb[i * ND + c];
+          a0[c] = a1[c] = splat(0.0f);
+        }
+        int64_t j = 0;
+        for (; j + 1 < Lk; j += 2) {
+          const v8 s0 = splat(dwf[j]), s1 = splat(dwf[j + 1]);
+          for (int c = 0; c < ND; ++c) {
+            a0[c] += s0 * kb[j * ND + c];
+            a1[c] += s1 * kb[(j + 1) * ND + c];
+            dkb[j * ND + c] += s0 * qr[c];
+            dkb[(j + 1) * ND + c] += s1 * qr[c];
+          }
+        }
+        if (j < Lk) {
+          const v8 s0 = splat(dwf[j]);
+          for (int c = 0; c < ND; ++c) {
+            a0[c] += s0 * kb[j * ND + c];
+            dkb[j * ND + c] += s0 * qr[c];
+          }
+        }
+        for (int c = 0; c < ND; ++c) dqb[i * ND + c] = a0[c] + a1[c];
+      }
+      vstore(dqb, qp, sq, dqp, sdq, b, h, Lq, nd, relu);
+      vstore(dkb, kp, sk, dkp, sdk, b, h, Lk, nd, relu);
+      vstore(dvb, vp, sv, dvp, sdv, b, h, Lk, nd, relu);
+    }
+  });
+}
+
+inline bool fast(const at::Tensor& q) {
+  const int64_t d = q.size(3);
+  return q.scalar_type() == at::kFloat && (d == 8 || d == 16 || d == 32 || d == 64);
+}
+
+// calls f.template operator()<ND>() with ND = d / 8 a constant (d in 8, 16, 32, 64)
+template <typename F>
+inline void with_nd(int64_t d, F&& f) {
+  switch (d) {
+    case 8: f(std::integral_constant<int, 1>()); break;
+    case 16: f(std::integral_constant<int, 2>()); break;
+    case 32: f(std::integral_constant<int, 4>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& bits) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "fused attention: CPU tensors only");
+  TORCH_CHECK(k.sizes() == v.sizes(), "fused attention: k ", k.sizes(), " and v ", v.sizes(),
+              " differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "fused attention: q ", q.sizes(), " does not match k ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "fused attention: q, k and v must share a dtype");
+  TORCH_CHECK(!bits.numel() || (bits.scalar_type() == at::kShort && bits.is_contiguous()),
+              "fused attention: bits must be contiguous int16");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& attend, const at::Tensor& rows,
+                                const at::Tensor& bits, int64_t threshold, double keep_scale,
+                                double scale, bool relu) {
+  check_inputs(q, k, v, bits);
+  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
+  TORCH_CHECK(attend.scalar_type() == at::kBool && attend.is_contiguous() &&
+                  attend.sizes() == at::IntArrayRef({B, Lk}),
+              "fused attention: attend must be a contiguous (B, Lk) bool tensor");
+  TORCH_CHECK(!rows.numel() || (rows.scalar_type() == at::kBool && rows.is_contiguous() &&
+                                rows.sizes() == at::IntArrayRef({B, Lq})),
+              "fused attention: rows must be a contiguous (B, Lq) bool tensor");
+  auto out = at::empty({B, Lq, H, d}, q.options());
+  auto P = at::empty({B, H, Lq, Lk}, q.options());
+  if (fast(q)) {
+    with_nd(q.size(3), [&](auto nd) {
+      forward_fast<decltype(nd)::value>(q, k, v, attend, rows, bits, threshold, keep_scale,
+                                        scale, relu, out, P);
+    });
+    return {out, P};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_forward", [&] {
+    forward_impl<scalar_t>(q, k, v, attend, rows, bits, threshold, keep_scale, scale, relu, out,
+                           P);
+  });
+  return {out, P};
+}
+
+void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits, int64_t threshold,
+              double keep_scale, double scale, bool relu, at::Tensor dq, at::Tensor dk,
+              at::Tensor dv) {
+  check_inputs(q, k, v, bits);
+  TORCH_CHECK(P.is_contiguous() && grad.sizes() == q.sizes() && dq.sizes() == q.sizes() &&
+                  dk.sizes() == k.sizes() && dv.sizes() == v.sizes(),
+              "fused attention: backward shapes do not match the forward's");
+  if (fast(q)) {
+    with_nd(q.size(3), [&](auto nd) {
+      backward_fast<decltype(nd)::value>(grad, q, k, v, P, bits, threshold, keep_scale, scale,
+                                         relu, dq, dk, dv);
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_backward", [&] {
+    backward_impl<scalar_t>(grad, q, k, v, P, bits, threshold, keep_scale, scale, relu, dq, dk,
+                            dv);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused attention forward: (out (B, Lq, H, d), P (B, H, Lq, Lk))");
+  m.def("backward", &backward, "fused attention backward, into dq, dk, dv (strided views)");
+}
