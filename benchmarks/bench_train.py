@@ -665,6 +665,17 @@ class _StepTimer(L.Callback):
         return float(stat(steps[self.warmup :]))
 
 
+def attention_path() -> str:
+    """Which attention implementation the models' steps run (for the table's title)."""
+    if DEVICE.type == "cuda":
+        return "scaled_dot_product_attention"
+    from seqrank.models.layers import fused
+
+    if fused.kernel() is not None:
+        return "fused C++ kernel"
+    return "Python kernels" + ("" if fused.enabled() else " (SEQRANK_FUSED_ATTENTION=0)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -750,7 +761,7 @@ def main() -> None:
     store = "on the device" if DEVICE_STORE else "on the host"
     t = Table(
         title=f"training samples/s — {where}, precision {a.precision}, {a.lengths} history lengths, "
-        f"batches gathered {store}"
+        f"batches gathered {store}, attention: {attention_path()}"
     )
     for c in (
         "model",
