@@ -544,7 +544,7 @@ def bench(
 
     # compute and reference cycles in turns, a ceiling pass after each: fastest of each
     t_compute, t_ref_best = (t / n_batches for t in interleaved([cycle, ref_cycle], ceiling, steps))
-    t_ceiling_best = ceiling.seconds()
+    t_ceiling_best = ceiling.seconds()  # fastest pass of these rounds, not of the e2e windows
     t_gather = timed(lambda: next(it), steps, stat=np.mean)
     # end to end through Lightning
     module = RankingModule(

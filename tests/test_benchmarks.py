@@ -256,8 +256,6 @@ def test_one_benchmark_row_runs_end_to_end(
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
     # a reference step and a ceiling pass after every timed e2e step (and the last one)
     assert row["windows"] == 3 + 1
-    # the fastest pass is over every pass, those in the e2e windows included
-    assert row["ceiling best"] >= row["ceiling"]
     assert 0 < row["input_share"] < 1
     assert row["e2e best"] >= max(
         row["e2e"], row["e2e median"]
