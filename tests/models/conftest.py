@@ -101,14 +101,15 @@ def taobao_schema() -> Schema:
 
 
 def require_fused():  # noqa: ANN201
-    """The fused C++ attention kernel; skips where no C++ toolchain exists (g++ and ninja), fails
-    where one exists but the kernel does not build."""
+    """The fused C++ attention kernel; skips where there is no C++ compiler (ninja is a
+    dependency), fails where there is one but the kernel does not build."""
+    import os
     import shutil
 
     from seqrank.models.layers import fused
 
-    if shutil.which("ninja") is None or shutil.which("c++") is None:
-        pytest.skip("no C++ toolchain (c++ and ninja): the fused attention kernel cannot be built")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the fused attention kernel cannot be built")
     if not fused.enabled():
         pytest.skip("SEQRANK_FUSED_ATTENTION=0")
     if "module" in fused._state and fused._state["module"] is None:

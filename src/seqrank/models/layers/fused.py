@@ -1,8 +1,8 @@
 """The fused CPU attention kernel (`csrc/attention.cpp`), built on first use.
 
-`kernel()` compiles the C++ source with `torch.utils.cpp_extension.load` (g++ and ninja; ~35 s
-once per machine, then loaded from the cache in well under a second) and returns the module, or
-None when it is switched off (`SEQRANK_FUSED_ATTENTION=0`) or cannot be built - then attention
+`kernel()` compiles the C++ source with `torch.utils.cpp_extension.load` (the system's C++
+compiler and the `ninja` wheel, a dependency; ~35 s once per machine, then loaded from the cache
+in well under a second) and returns the module, or None when it is switched off (`SEQRANK_FUSED_ATTENTION=0`) or cannot be built - then attention
 runs through the Python kernels of `attention.py`, with one warning saying why. The build is
 tuned for the building CPU (`-march=native`), so the cache directory is keyed by the CPU's
 model and flags, the torch version and the source: a home directory shared by different
@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -71,6 +72,10 @@ def _load() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     directory = build_dir()
+    # the `ninja` wheel's binary sits beside this interpreter, which need not be on PATH
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     try:
         directory.mkdir(parents=True, exist_ok=True)
         log.info("fused attention: loading (building on first use) in %s", directory)
