@@ -530,3 +530,22 @@ def test_fused_build_dir_is_keyed_by_cpu_torch_and_source(
     assert first.parent == tmp_path and first == fused.build_dir()
     monkeypatch.setattr(fused, "_cpu_id", lambda: "another cpu")
     assert fused.build_dir() != first
+
+
+@pytest.mark.parametrize("path", [20, "fused"])
+def test_packed_attention_unread_slot_gets_zero_gradient(
+    monkeypatch: pytest.MonkeyPatch, path: int | str
+) -> None:
+    """Keys and values read from slots 1 and 2 of a 3-slot projection whose slot 0 is not the
+    queries: slot 0's gradient is exactly zero (never uninitialised memory)."""
+    _select_path(monkeypatch, path)
+    torch.manual_seed(0)
+    q = torch.randn(4, 1, 1, 2, 8, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(4, 6, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    y = attention_module._packed_attention(q, kv, mask, None, 0.0, True)
+    y.sum().backward()
+    assert (kv.grad[:, :, 0] == 0).all()
+    k, v = torch.relu(kv[:, :, 1]), torch.relu(kv[:, :, 2])
+    expected = _explicit_attention(torch.relu(q[:, :, 0]), k, v, mask, None, 0.0, seed=0)
+    torch.testing.assert_close(y, expected)

@@ -338,7 +338,7 @@ class _PackedAttention(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         q_src, kv_src = ctx.saved_tensors
         # slots no head reads (none in the usual layouts) get zero gradient
-        dkv = torch.empty_like(kv_src) if kv_src.shape[2] in (2, 3) else torch.zeros_like(kv_src)
+        dkv = torch.empty_like(kv_src) if kv_src.shape[2] == (3 if ctx.same else 2) else torch.zeros_like(kv_src)
         dq = dkv if ctx.same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
         slots = ((dq, q_src, 0), (dkv, kv_src, -2), (dkv, kv_src, -1))
 
@@ -353,10 +353,11 @@ class _PackedAttention(torch.autograd.Function):
 
 
 class _FusedAttention(torch.autograd.Function):
-    """The CPU path of `self_attention` and `cross_attention` when the fused kernel is built
-    (`fused.py`): one C++ call for the forward and one for the backward, each walking every
-    (sample, head) with its q, k, v, scores and gradients in L1 cache, ReLU applied on load.
-    Same packed layouts and saved tensors as `_PackedAttention` (P is (B, H, Lq, Lk) here).
+    """The CPU path of `self_attention`, `cross_attention` and `attention` when the fused
+    kernel is built (`fused.py`): one C++ call for the forward and one for the backward, each
+    walking every (sample, head) with its q, k, v, scores and gradients in L1 cache, ReLU applied
+    on load. Same packed layouts and saved tensors as `_PackedAttention` (P and the dropout draws
+    are (B, H, Lq, Lk) here, sample-major).
     """
 
     @staticmethod
@@ -382,7 +383,9 @@ class _FusedAttention(torch.autograd.Function):
         q_src, kv_src, P, bits = ctx.saved_tensors
         threshold, keep_scale, scale, relu, same, ext = ctx.args
         B, Lq, _, H, d = q_src.shape
-        dkv = torch.empty_like(kv_src) if kv_src.shape[2] in (2, 3) else torch.zeros_like(kv_src)
+        # every slot is written (k and v, and q when packed with them), or zero-filled first
+        covered = kv_src.shape[2] == (3 if same else 2)
+        dkv = torch.empty_like(kv_src) if covered else torch.zeros_like(kv_src)
         dq = dkv if same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
         ext.backward(
             grad.contiguous().view(B, Lq, H, d), q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], P,
