@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from seqrank.data.batching import SampleArrays
 from seqrank.data.datamodule import SeqDataModule
@@ -375,12 +375,10 @@ def timed(fn, steps: int, warmup: int = 3, stat=np.min) -> float:  # noqa: ANN00
     return float(stat(times))
 
 
-MATMULS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten.baddbmm.default,
-}
+# every overload of these counts: in place (`addmm_`, the ragged first MLP layer's weight
+# gradient) and `out=` (its forward) products are model math as much as `mm`
+aten = torch.ops.aten
+MATMULS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_}
 # CUDA's fused attention kernels (SDPA) count as matrix products: their FLOPs are the attention's
 for _name in (
     "_scaled_dot_product_flash_attention",
@@ -388,16 +386,44 @@ for _name in (
     "_scaled_dot_product_cudnn_attention",
 ):
     for _op in (_name, _name + "_backward"):
-        if hasattr(torch.ops.aten, _op):
-            MATMULS.add(getattr(torch.ops.aten, _op).default)
+        if hasattr(aten, _op):
+            MATMULS.add(getattr(aten, _op))
+# torch's FlopCounterMode knows the out-of-place products (`addmm.out` is an overload of addmm)
+# but not the in-place ones: the same FLOPs as their out-of-place forms
+
+
+def _raw(formula):  # noqa: ANN001, ANN202
+    """A registered formula (already taking tensors) as a custom mapping FlopCounterMode keeps
+    as it is."""
+
+    def count(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return formula(*args, **kwargs)
+
+    count._get_raw = True
+    return count
+
+
+FLOPS_IN_PLACE = {
+    aten.addmm_: _raw(flop_registry[aten.addmm]),
+    aten.baddbmm_: _raw(flop_registry[aten.baddbmm]),
+}
 
 
 class TensorSpec(tuple):
     """(shape, stride, dtype) of a recorded tensor argument."""
 
 
+def _spec(a):  # noqa: ANN001, ANN202
+    return (
+        TensorSpec((tuple(a.shape), tuple(a.stride()), a.dtype))
+        if isinstance(a, torch.Tensor)
+        else a
+    )
+
+
 class RecordMatmuls(TorchDispatchMode):
-    """Counts every matrix-product call by (op, shapes, strides, scalar arguments)."""
+    """Counts every matrix-product call by (op, shapes, strides, scalar arguments); tensor
+    keyword arguments (`out=`) are recorded by layout like the others."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -405,14 +431,9 @@ class RecordMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        if func in MATMULS and all(not isinstance(v, torch.Tensor) for v in kwargs.values()):
-            spec = tuple(
-                TensorSpec((tuple(a.shape), tuple(a.stride()), a.dtype))
-                if isinstance(a, torch.Tensor)
-                else a
-                for a in args
-            )
-            self.calls[(func, spec, tuple(sorted(kwargs.items())))] += 1
+        if func.overloadpacket in MATMULS:
+            spec = tuple(_spec(a) for a in args)
+            self.calls[(func, spec, tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))] += 1
         return func(*args, **kwargs)
 
 
@@ -443,7 +464,8 @@ class Ceiling:
         self.runs = []
         for (func, spec, kwargs), count in calls.items():
             args = [_random_strided(*a) if isinstance(a, TensorSpec) else a for a in spec]
-            fn = functools.partial(func, *args, **dict(kwargs))
+            kw = {k: _random_strided(*v) if isinstance(v, TensorSpec) else v for k, v in kwargs}
+            fn = functools.partial(func, *args, **kw)
             try:
                 timed(fn, 1, warmup=1)
             except RuntimeError as e:
@@ -483,7 +505,7 @@ def interleaved(fns: list, ceiling: Ceiling, steps: int, warmup: int = 1) -> lis
 def record_steps(step, n: int) -> tuple[float, Counter]:  # noqa: ANN001
     """FLOPs and matrix-product calls of `n` calls of `step` (whole training steps), summed."""
     rec = RecordMatmuls()
-    with FlopCounterMode(display=False) as fc, rec:
+    with FlopCounterMode(display=False, custom_mapping=FLOPS_IN_PLACE) as fc, rec:
         for _ in range(n):
             step()
     return fc.get_total_flops(), rec.calls

@@ -18,6 +18,7 @@ from torch import nn
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
+from seqrank.models.layers.ragged import right_aligned_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train  # noqa: E402
@@ -124,6 +125,24 @@ def test_ceiling_records_every_matrix_product_of_a_step() -> None:
     first = ceiling.seconds()
     ceiling.sample()
     assert 0 < ceiling.seconds() <= first < 0.1  # the fastest pass
+
+
+def test_ceiling_records_in_place_and_out_products() -> None:
+    """BST's ragged first MLP layer runs `addmm(out=)` forward and `addmm_` for its weight
+    gradient: both are recorded and replayed, with the FLOPs of the same product out of place."""
+    w = torch.randn(16, 40, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    xs = [torch.randn(5, 40), torch.randn(7, 24)]
+    flops, calls = bench_train.record_step(lambda: right_aligned_linear(xs, w, b).sum().backward())
+    assert flops == 2 * (2 * 16 * (5 * 40 + 7 * 24))  # forward and weight gradient, no zeros
+    ops = sorted(str(func) for (func, _, _), _ in calls.items())
+    assert ops == ["aten.addmm.out"] * 2 + ["aten.addmm_.default"] * 2
+    outs = [dict(kw)["out"] for (func, _, kw) in calls if "out" in dict(kw)]
+    assert sorted(o[0] for o in outs) == [(5, 16), (7, 16)]  # replayed into their own layouts
+    ceiling = bench_train.Ceiling(calls)
+    assert len(ceiling.runs) == 4
+    ceiling.sample()
+    assert 0 < ceiling.seconds() < 0.1
 
 
 def test_ceiling_of_several_steps_counts_all_of_them() -> None:
