@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev,loggers,sweeps]"
-	$(PY) -c "from seqrank.models.layers.fused import main; main()"  # build the C++ attention kernel now
+	$(PY) -m seqrank.kernels  # build the C++ kernels now (attention, Adam)
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install seqrank with dev extras

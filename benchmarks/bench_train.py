@@ -15,9 +15,11 @@ Prints, for each model and setting, samples/s (batch size over a per-step time) 
                timed e2e step (its time taken out of the e2e step): the MEAN of those steps
   ceiling      the steps with nothing but their matrix products: every mm/addmm/bmm that the
                training steps of our model on ALL the pre-built batches run (forward and
-               backward, recorded with their shapes and strides; on CUDA also the fused
-               attention kernels) is replayed alone, each once, times its count: a pass / the
-               number of batches is a per-step average over those batches. A pass runs after
+               backward, recorded with their shapes and strides, in place and out= ones too;
+               the products inside our fused CPU attention kernel as the bmm's they are; on
+               CUDA the fused attention kernels whole) is replayed alone, each once, times
+               its count: a pass / the number of batches is a per-step average over those
+               batches. A pass runs after
                every timed e2e step (as the reference step): the MEAN of those passes
   compute      our model's train step on `--batches` pre-built batches (no input pipeline): the
                fastest of `--steps` timed cycles (each batch once) / the number of batches;
@@ -35,8 +37,10 @@ the same GEMM runs anywhere between 80 and 150 GFLOP/s from one 0.2 s window to 
 only figures taken in the same windows, with the same statistic, are compared: e2e is a mean
 (its batches differ from step to step, and with length groups so does its work), so the
 ceiling and reference beside it are means over the same windows.
-`--embeddings dense sparse` runs each model both with dense embedding gradients and with
-row-wise ones (`sparse_embeddings=True`, lazy Adam on the touched rows; BST only).
+`--embeddings dense sparse lazy` runs each model with dense embedding gradients, with row ones
+(`sparse_embeddings=True`) and `seqrank.optim.Adam`'s dense-equivalent update (one C++ pass over
+the table, no dense gradient), and with row ones and lazy Adam on the touched rows (`lazy=True`:
+not dense Adam).
 `--length-groups N` passes `length_groups=N` to the models (0: pad every batch to --hist, the
 old path); without it the models' default applies.
 Data: a random store with Electronics shapes (63k items, 801 categories, 192k users, 1.69M
@@ -46,7 +50,7 @@ training samples with a full history at --hist). A line before the table gives t
 histories' mean length and full share at each --hist (how much of a padded batch is padding).
 
     python benchmarks/bench_train.py --batch 256 1024 --hist 20 50 --models bst atrank \
-        --embeddings dense sparse
+        --embeddings dense sparse lazy
     python benchmarks/bench_train.py --device cuda --precision bf16-mixed --batch 4096 16384   # GPU
     python benchmarks/bench_train.py --length-groups 0 --lengths full   # padded path, no padding
 
@@ -244,9 +248,15 @@ def build_net(
             sparse_embeddings=sparse,
             **kw,
         )
-    if sparse:
-        raise ValueError("ATRank has no sparse_embeddings option")
-    return ATRank(schema, embed_dim=64, num_heads=8, num_layers=1, max_len=hist, **kw)
+    return ATRank(
+        schema,
+        embed_dim=64,
+        num_heads=8,
+        num_layers=1,
+        max_len=hist,
+        sparse_embeddings=sparse,
+        **kw,
+    )
 
 
 class PlainBST(nn.Module):
@@ -502,13 +512,61 @@ def interleaved(fns: list, ceiling: Ceiling, steps: int, warmup: int = 1) -> lis
     return [min(t) for t in times]
 
 
+class RecordFusedAttention:
+    """Stands in for the fused C++ attention kernel (`seqrank.kernels`) while steps are
+    recorded, and counts its products as the batched matrix products they are: forward
+    S = Q K^T and O = P V, backward dP = dO V^T, dV = P^T dO, dQ = dS K and dK = dS^T Q, each
+    (B*H) products of the heads' shapes. The kernel runs them inside one C++ call that no
+    dispatch mode sees; they are model FLOPs as much as the projections (and on CUDA, SDPA's
+    kernels count whole)."""
+
+    def __init__(self, ext) -> None:  # noqa: ANN001
+        self.ext = ext
+        self.calls: Counter = Counter()
+        self.flops = 0
+
+    def _count(self, q: torch.Tensor, k: torch.Tensor, backward: bool) -> None:
+        B, Lq, H, d = q.shape
+        Lk = k.shape[1]
+        # (m, k, n) of each product, (BH, m, k) x (BH, k, n): S, O; or dP, dV, dQ, dK
+        forward = [(Lq, d, Lk), (Lq, Lk, d)]
+        for m, kk, n in (
+            [(Lq, d, Lk), (Lk, Lq, d), (Lq, Lk, d), (Lk, Lq, d)] if backward else forward
+        ):
+            a = TensorSpec(((B * H, m, kk), (m * kk, kk, 1), q.dtype))
+            b = TensorSpec(((B * H, kk, n), (kk * n, n, 1), q.dtype))
+            self.calls[(aten.bmm.default, (a, b), ())] += 1
+            self.flops += 2 * B * H * m * kk * n
+
+    def forward(self, q, k, *args):  # noqa: ANN001, ANN002, ANN201
+        self._count(q, k, backward=False)
+        return self.ext.forward(q, k, *args)
+
+    def backward(self, grad, q, k, *args):  # noqa: ANN001, ANN002, ANN201
+        self._count(q, k, backward=True)
+        return self.ext.backward(grad, q, k, *args)
+
+
 def record_steps(step, n: int) -> tuple[float, Counter]:  # noqa: ANN001
-    """FLOPs and matrix-product calls of `n` calls of `step` (whole training steps), summed."""
+    """FLOPs and matrix-product calls of `n` calls of `step` (whole training steps), summed;
+    the fused attention kernel's products included (`RecordFusedAttention`)."""
+    from seqrank import kernels
+
     rec = RecordMatmuls()
-    with FlopCounterMode(display=False, custom_mapping=FLOPS_IN_PLACE) as fc, rec:
-        for _ in range(n):
-            step()
-    return fc.get_total_flops(), rec.calls
+    ext = kernels.load("attention") if DEVICE.type == "cpu" else None
+    fused = None if ext is None else RecordFusedAttention(ext)
+    try:
+        if fused is not None:
+            kernels._state["attention"] = fused
+        with FlopCounterMode(display=False, custom_mapping=FLOPS_IN_PLACE) as fc, rec:
+            for _ in range(n):
+                step()
+    finally:
+        if fused is not None:
+            kernels._state["attention"] = ext
+    if fused is None:
+        return fc.get_total_flops(), rec.calls
+    return fc.get_total_flops() + fused.flops, rec.calls + fused.calls
 
 
 def record_step(step) -> tuple[float, Counter]:  # noqa: ANN001
@@ -523,7 +581,7 @@ def bench(
     dm: SeqDataModule,
     steps: int,
     precision: str,
-    sparse: bool = False,
+    embeddings: str = "dense",
     compile: bool = False,
     n_batches: int = 8,
     length_groups: int | None = None,
@@ -535,10 +593,12 @@ def bench(
         loader = dm.train_dataloader()
     it = iter(loader)
     batches = [next(it).to(DEVICE) for _ in range(n_batches)]
-    # compute only: our model, fused Adam (row-wise on sparse embeddings), pre-built batches
+    # compute only: our model, fused Adam (its sparse-gradient update for row gradients),
+    # pre-built batches
+    sparse, lazy = embeddings != "dense", embeddings == "lazy"
     torch.manual_seed(0)
     net = build_net(model, schema, hist, sparse, length_groups).to(DEVICE)
-    opt = Adam(net.parameters(), 1e-3, fused=True)
+    opt = Adam(net.parameters(), 1e-3, fused=True, lazy=lazy)
     k = [0]
 
     def step() -> None:
@@ -572,7 +632,7 @@ def bench(
     module = RankingModule(
         build_net(model, schema, hist, sparse, length_groups),
         compile=compile,
-        optimizer=lambda params: Adam(params, 1e-3, fused=True),
+        optimizer=lambda params: Adam(params, 1e-3, fused=True, lazy=lazy),
     )
     trainer = L.Trainer(
         max_steps=3 + steps + 1,  # warm-up, timed, one to end the last timed
@@ -597,7 +657,7 @@ def bench(
     t_gemm = float(np.mean(timer.passes)) / n_batches
     label = (
         model
-        + (" sparse" if sparse else "")
+        + (f" {embeddings}" if embeddings != "dense" else "")
         + (f" lg{length_groups}" if length_groups is not None else "")
     )
     return {
@@ -691,11 +751,13 @@ def attention_path() -> str:
     """Which attention implementation the models' steps run (for the table's title)."""
     if DEVICE.type == "cuda":
         return "scaled_dot_product_attention"
-    from seqrank.models.layers import fused
+    from seqrank import kernels
 
-    if fused.kernel() is not None:
+    if kernels.load("attention") is not None:
         return "fused C++ kernel"
-    return "Python kernels" + ("" if fused.enabled() else " (SEQRANK_FUSED_ATTENTION=0)")
+    return "Python kernels" + (
+        "" if kernels.enabled("attention") else " (SEQRANK_FUSED_ATTENTION=0)"
+    )
 
 
 def main() -> None:
@@ -731,9 +793,10 @@ def main() -> None:
     p.add_argument(
         "--embeddings",
         nargs="+",
-        choices=["dense", "sparse"],
+        choices=["dense", "sparse", "lazy"],
         default=["dense"],
-        help="embedding gradients: dense, or sparse rows with lazy Adam (BST only)",
+        help="embedding gradients: dense; sparse rows with dense Adam's update; sparse rows "
+        "with lazy Adam",
     )
     p.add_argument("--compile", action="store_true", help="e2e with RankingModule(compile=True)")
     p.add_argument(
@@ -767,13 +830,12 @@ def main() -> None:
     console.print(f"training histories ({a.lengths} lengths): " + "; ".join(lines))
     rows = [
         bench(
-            m, B, h, dm, a.steps, a.precision, e == "sparse", a.compile, a.batches, a.length_groups
+            m, B, h, dm, a.steps, a.precision, e, a.compile, a.batches, a.length_groups
         )
         for m in a.models
         for e in a.embeddings
         for B in a.batch
         for h in a.hist
-        if m == "bst" or e == "dense"
     ]
     where = (
         torch.cuda.get_device_name()

@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import seqrank.models.layers.attention as attention_module
+from seqrank import kernels
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
+from seqrank.models.layers.attention import self_attention
 from seqrank.models.layers.ragged import right_aligned_linear
+from tests.kernels import require_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train  # noqa: E402
@@ -141,6 +145,33 @@ def test_ceiling_records_in_place_and_out_products() -> None:
     assert sorted(o[0] for o in outs) == [(5, 16), (7, 16)]  # replayed into their own layouts
     ceiling = bench_train.Ceiling(calls)
     assert len(ceiling.runs) == 4
+    ceiling.sample()
+    assert 0 < ceiling.seconds() < 0.1
+
+
+def test_ceiling_counts_the_fused_attention_kernels_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C++ attention kernel's products (invisible to dispatch modes) are counted as the
+    bmm's they are: the same FLOPs as the Python kernels' bmm's, and replayed as bmm's."""
+    require_kernel("attention")
+    torch.manual_seed(0)
+    x = torch.randn(6, 9, 3, 4, 8, requires_grad=True)  # (B, L, q/k/v, H, d)
+    mask = torch.rand(6, 9) > 0.3
+    mask[:, -1] = True
+    counted = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attention_module, "FUSED", fused)
+        counted[fused] = bench_train.record_step(
+            lambda: self_attention(x, mask, mask).sum().backward()
+        )
+    (flops, calls), (python_flops, python_calls) = counted[True], counted[False]
+    assert flops == python_flops == 6 * (2 * 24 * 9 * 9 * 8)  # 2 products forward, 4 backward
+    assert sum(calls.values()) == sum(python_calls.values()) == 6
+    assert {str(func) for func, _, _ in calls} == {"aten.bmm.default"}
+    assert kernels._state["attention"] is not None  # the real kernel is back
+    assert not isinstance(kernels._state["attention"], bench_train.RecordFusedAttention)
+    ceiling = bench_train.Ceiling(calls)
     ceiling.sample()
     assert 0 < ceiling.seconds() < 0.1
 

@@ -1,10 +1,18 @@
 """Adam for models whose large embedding tables produce sparse (row-wise) gradients.
 
 A lookup touches B * (L+1) rows of a table with ~10^5 rows (Electronics: 5k of 63k rows at
-B=256). With a dense gradient every step zero-fills the whole table's gradient, adds the
-lookups into it and runs Adam over every row. With `nn.Embedding(sparse=True)` the gradient
-holds only the touched rows, and `Adam` below updates only those rows ("lazy" Adam, as
-TensorFlow's LazyAdam and `torch.optim.SparseAdam`).
+B=256). With a dense gradient every step zero-fills the whole table's gradient (fresh pages:
+the allocator hands a freed 16 MB block back to the system), adds the lookups into it and runs
+Adam over every row, reading the gradient once more. With `nn.Embedding(sparse=True)` the
+gradient holds only the touched rows, and `Adam` below updates the table either
+
+- exactly as dense Adam would (the default, `lazy=False`): one pass over every row of the table
+  and its moments, the touched rows adding their gradient, the others a zero that is never
+  stored (`csrc/adam.cpp`; without the kernel, the gradient is densified and torch's Adam runs).
+  The same updates as a dense gradient, up to float rounding (a row looked up twice sums its
+  gradients in another order); or
+- lazily (`lazy=True`): only the touched rows ("lazy" Adam, as TensorFlow's LazyAdam and
+  `torch.optim.SparseAdam`), cheaper again but not dense Adam.
 
 Lazy Adam is not dense Adam. Dense Adam moves an untouched row too: its moments decay
 (m <- beta1 m, v <- beta2 v) and the row keeps moving along m / sqrt(v). Lazy Adam leaves
@@ -22,15 +30,22 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adam import adam as adam_functional
 
+from seqrank import kernels
+
 
 class Adam(torch.optim.Adam):
-    """`torch.optim.Adam` that also accepts sparse gradients, updating only their rows.
+    """`torch.optim.Adam` that also accepts sparse gradients: dense Adam from them by default,
+    or lazy Adam on their rows.
 
-    Dense gradients go through torch's Adam (fused or foreach as configured); each sparse
-    gradient (from `nn.Embedding(sparse=True)`) gets a row-wise ("lazy") Adam step: its rows of
+    Dense gradients go through torch's Adam (fused or foreach as configured). Each sparse
+    gradient (from `nn.Embedding(sparse=True)`) gets, by default, the dense Adam step of the
+    whole parameter (every row, untouched rows with a zero gradient) in one pass of the C++
+    kernel (`seqrank.kernels`, CPU float32/float64; elsewhere the gradient is densified for
+    torch's Adam). With `lazy=True` it gets a row-wise ("lazy") Adam step instead: its rows of
     the parameter and of the moments are gathered, updated by the same torch Adam kernel and
-    scattered back, so the first step equals dense Adam's exactly. The state is `torch.optim.Adam`'s (`step`, `exp_avg`,
-    `exp_avg_sq` per parameter), so checkpoints move between the two.
+    scattered back, so the first step equals dense Adam's exactly. The state is
+    `torch.optim.Adam`'s (`step`, `exp_avg`, `exp_avg_sq` per parameter), so checkpoints move
+    between the two.
 
     Args:
         params: parameters or parameter groups.
@@ -41,7 +56,10 @@ class Adam(torch.optim.Adam):
         foreach: as in `torch.optim.Adam` (dense parameters).
         maximize: maximise instead of minimise.
         fused: as in `torch.optim.Adam` (dense parameters).
-        decoupled_weight_decay: AdamW-style decay (dense parameters; touched rows for sparse).
+        decoupled_weight_decay: AdamW-style decay (lazy: only the touched rows of a sparse
+            gradient decay).
+        lazy: sparse gradients update only their rows (lazy Adam) instead of the whole
+            parameter as dense Adam would.
 
     Raises:
         ValueError: for `amsgrad` (not supported) and for what `torch.optim.Adam` rejects.
@@ -59,6 +77,7 @@ class Adam(torch.optim.Adam):
         maximize: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        lazy: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -71,6 +90,8 @@ class Adam(torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        for group in self.param_groups:
+            group.setdefault("lazy", lazy)
         # AMP's GradScaler must unscale the gradients itself (our sparse path takes no scale)
         self._step_supports_amp_scaling = False
 
@@ -83,9 +104,15 @@ class Adam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("lazy", False)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One Adam step: dense gradients over whole tensors, sparse ones over their rows."""
+        """One Adam step: dense gradients over whole tensors; sparse ones as dense Adam over
+        the whole tensor (default) or over their rows (`lazy`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -96,10 +123,18 @@ class Adam(torch.optim.Adam):
             with_grad = [p for p in group["params"] if p.grad is not None]
             dense = [p for p in with_grad if not p.grad.is_sparse]
             sparse = [p for p in with_grad if p.grad.is_sparse]
+            if sparse and not group["lazy"]:
+                kernel = kernels.load("adam")
+                fast = [p for p in sparse if kernel is not None and _kernel_takes(p)]
+                # no kernel for these: the dense gradient, in the same torch step as the others
+                dense += [p for p in sparse if not any(p is f for f in fast)]
+                sparse = fast
             if dense:
                 self._dense_step(group, dense)
-            if sparse:
+            if sparse and group["lazy"]:
                 self._rowwise_step(group, sparse)
+            elif sparse:
+                self._sparse_dense_step(group, sparse, kernel)
         return loss
 
     def _dense_step(self, group: dict, params: list[Tensor]) -> None:
@@ -108,7 +143,7 @@ class Adam(torch.optim.Adam):
         self._dense_step_on(
             group,
             params,
-            [p.grad for p in params],
+            [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params],
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
@@ -143,6 +178,30 @@ class Adam(torch.optim.Adam):
             maximize=group["maximize"],
         )
 
+    def _sparse_dense_step(self, group: dict, params: list[Tensor], kernel) -> None:  # noqa: ANN001
+        """Dense Adam over each whole parameter from its sparse gradient, by the C++ kernel."""
+        beta1, beta2 = group["betas"]
+        for p in params:
+            grad = p.grad.coalesce()  # sorted unique rows, duplicates summed
+            state = self._state(p, bool(group["fused"]))
+            state["step"] += 1
+            values = grad.values().contiguous()
+            kernel.sparse_dense_adam(
+                p.data,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                grad.indices()[0].contiguous(),
+                values.view(len(values), -1),
+                float(group["lr"]),
+                float(beta1),
+                float(beta2),
+                float(group["eps"]),
+                float(group["weight_decay"]),
+                bool(group["decoupled_weight_decay"]),
+                bool(group["maximize"]),
+                float(state["step"]),
+            )
+
     def _rowwise_step(self, group: dict, params: list[Tensor]) -> None:
         fused = bool(group["fused"])
         rows, gathered = [], []
@@ -164,6 +223,19 @@ class Adam(torch.optim.Adam):
             p.index_copy_(0, r, wr)
             state["exp_avg"].index_copy_(0, r, mr)
             state["exp_avg_sq"].index_copy_(0, r, vr)
+
+
+def _kernel_takes(p: Tensor) -> bool:
+    """Whether the sparse-gradient Adam kernel can update `p` in place (CPU, float32/64,
+    contiguous parameter and moments, gradient sparse along the first axis only)."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.float64)
+        and p.is_contiguous()
+        and p.dim() >= 1
+        and p.grad.sparse_dim() == 1
+        and p.grad.dtype == p.dtype
+    )
 
 
 def has_sparse_grads(params: Iterable[Tensor]) -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seqrank.data.types import Batch, Schema
+from tests.kernels import require_kernel
 
 
 def make_batch(
@@ -101,22 +102,8 @@ def taobao_schema() -> Schema:
 
 
 def require_fused():  # noqa: ANN201
-    """The fused C++ attention kernel; skips where there is no C++ compiler (ninja is a
-    dependency), fails where there is one but the kernel does not build."""
-    import os
-    import shutil
-
-    from seqrank.models.layers import fused
-
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the fused attention kernel cannot be built")
-    if not fused.enabled():
-        pytest.skip("SEQRANK_FUSED_ATTENTION=0")
-    if "module" in fused._state and fused._state["module"] is None:
-        del fused._state["module"]  # a fresh attempt: a cached failure would hide the reason
-    ext = fused.kernel()
-    assert ext is not None, "the fused attention kernel did not build (see the warning)"
-    return ext
+    """The fused C++ attention kernel (`tests/conftest.py: require_kernel`)."""
+    return require_kernel("attention")
 
 
 @pytest.fixture(params=["fused", "kernel", "plain ops"])

@@ -348,3 +348,36 @@ def test_target_attention_finds_the_planted_behaviour() -> None:
     # the action lookup carries the signal: masking action types loses most of it
     blind_accuracy, _, _ = _train_on_carts(use_actions=False)
     assert blind_accuracy < accuracy - 0.1, (blind_accuracy, accuracy)
+
+
+@pytest.mark.parametrize("group_by", ["item", "behavior"])
+def test_sparse_embeddings_train_like_dense_ones(group_by: str) -> None:
+    """`sparse_embeddings=True`: the item and category tables get row gradients, and with
+    seqrank's Adam (its default, dense-equivalent update) and the reference's clipping at 5
+    the weights follow the dense-gradient run (float64, to rounding)."""
+    from seqrank.optim import Adam, clip_gradients_
+
+    schema = make_schema()
+    nets = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        net = ATRank(
+            schema, embed_dim=8, num_heads=2, max_len=12, group_by=group_by,
+            sparse_embeddings=sparse,
+        ).double()
+        opt = Adam(net.parameters(), lr=1e-2)
+        for seed in range(3):
+            b = make_batch(schema, seed=seed)
+            loss = F.binary_cross_entropy_with_logits(net(b).float(), b.label) + net.regularization()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients_(list(net.parameters()), 5.0)
+            opt.step()
+        nets[sparse] = net
+    assert nets[True].behaviors.item.weight.grad.is_sparse
+    assert nets[True].behaviors.cate.weight.grad.is_sparse
+    assert not nets[False].behaviors.item.weight.grad.is_sparse
+    for (name, a), b in zip(
+        nets[False].named_parameters(), nets[True].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

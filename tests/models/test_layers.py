@@ -503,17 +503,17 @@ def test_fused_build_failure_warns_and_falls_back(
 ) -> None:
     """A kernel that cannot be built (here: a compiler that does not exist) gives one warning
     naming the build directory, and attention runs through the Python kernels, same results."""
-    from seqrank.models.layers import fused
+    from seqrank import kernels
 
     monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(fused, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setattr(attention_module, "FUSED", True)
     qkv = torch.randn(3, 5, 3, 2, 8, dtype=torch.float64)
     mask = torch.rand(3, 5) > 0.3
-    with pytest.warns(RuntimeWarning, match="could not be built in .*attention-"):
+    with pytest.warns(RuntimeWarning, match="attention C.. kernel could not be built in .*attention-"):
         y = self_attention(qkv, mask, mask)
-    assert fused._state["module"] is None
+    assert kernels._state["attention"] is None
     q, k, v = qkv.unbind(2)
     torch.testing.assert_close(y, _explicit_attention(q, k, v, mask, mask, 0.0, seed=0))
 
@@ -523,13 +523,14 @@ def test_fused_build_dir_is_keyed_by_cpu_torch_and_source(
 ) -> None:
     """-march=native binaries must not be shared across CPUs: another CPU id, torch version or
     source gives another cache directory; the same inputs the same one."""
-    from seqrank.models.layers import fused
+    from seqrank import kernels
 
     monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
-    first = fused.build_dir()
-    assert first.parent == tmp_path and first == fused.build_dir()
-    monkeypatch.setattr(fused, "_cpu_id", lambda: "another cpu")
-    assert fused.build_dir() != first
+    first = kernels.build_dir("attention")
+    assert first.parent == tmp_path and first == kernels.build_dir("attention")
+    assert kernels.build_dir("adam").name.startswith("adam-")
+    monkeypatch.setattr(kernels, "_cpu_id", lambda: "another cpu")
+    assert kernels.build_dir("attention") != first
 
 
 @pytest.mark.parametrize("path", [20, "fused"])

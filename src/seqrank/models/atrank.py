@@ -79,6 +79,7 @@ class BehaviorEmbedding(nn.Module):
         time_buckets: number of log2 time buckets T.
         time_mode: "concat" or "add".
         use_actions: whether each group has an action lookup.
+        sparse: the item and category tables produce sparse (row) gradients.
     """
 
     def __init__(
@@ -93,11 +94,13 @@ class BehaviorEmbedding(nn.Module):
         time_buckets: int,
         time_mode: str,
         use_actions: bool,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         self.time_mode = time_mode
-        self.item = nn.Embedding(num_items, embed_dim)
-        self.cate = nn.Embedding(num_cates, embed_dim)
+        # sparse: the backward pass touches only the looked-up rows, not the 63k x 64 table
+        self.item = nn.Embedding(num_items, embed_dim, sparse=sparse)
+        self.cate = nn.Embedding(num_cates, embed_dim, sparse=sparse)
         _glorot_(self.item.weight, num_items, embed_dim)
         _glorot_(self.cate.weight, num_cates, embed_dim)
         obj = 2 * embed_dim
@@ -346,6 +349,10 @@ class ATRank(nn.Module):
         length_groups: run each batch as up to this many groups of similar history length,
             each cut to its own longest history, so padding costs no FLOPs (the same outputs
             and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
+        sparse_embeddings: the item and category tables produce sparse gradients holding only
+            the rows in the batch (`nn.Embedding(sparse=True)`); train with `seqrank.optim.Adam`,
+            which then runs dense Adam's update without a dense gradient (or, with `lazy=True`,
+            updates only those rows).
 
     Raises:
         ValueError: on an invalid hyperparameter, naming it, its value and what is allowed.
@@ -367,6 +374,7 @@ class ATRank(nn.Module):
         use_actions: bool = True,
         l2_reg: float = 5e-5,
         length_groups: int = 4,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
         _check(embed_dim >= 2, "embed_dim", embed_dim, "an integer >= 2")
@@ -411,6 +419,7 @@ class ATRank(nn.Module):
             time_buckets=time_buckets,
             time_mode=time_mode,
             use_actions=self.use_actions,
+            sparse=sparse_embeddings,
         )
         self.candidate = _dense(2 * embed_dim, dim) if group_by == "behavior" else None
         self.item_bias = nn.Parameter(torch.zeros(schema.num_items))

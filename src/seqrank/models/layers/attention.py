@@ -2,7 +2,7 @@
 
 `attention` is the core both models use: softmax over the valid keys, dropout on the weights,
 weights times values. On CPU, in float32 and float64, it runs as one fused C++ call per pass
-(`fused.py`, `csrc/attention.cpp`): for every (sample, head) the scores, key mask, softmax,
+(`seqrank/kernels.py`, `seqrank/csrc/attention.cpp`): for every (sample, head) the scores, key mask, softmax,
 dropout and product with the values - and in the backward call their gradients - with the
 head's q, k, v and scores in L1 cache, ReLU (ATRank's activated Q/K/V) applied on load. Written
 op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in memory and an op
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrank.models.layers import fused
+from seqrank import kernels
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
 
@@ -39,7 +39,7 @@ CHUNK_SCORES = 1 << 20
 # for BST and ATRank than with a 1 MiB bound; on full histories of 50 (scores of 20-80 MiB)
 # the kernel is 10-35% faster than plain ops.
 TINY_TOTAL = 1 << 21
-# the fused C++ kernel (`fused.py`, `csrc/attention.cpp`) runs CPU attention in float32 and
+# the fused C++ kernel (`seqrank/kernels.py`, `seqrank/csrc/attention.cpp`) runs CPU attention in float32 and
 # float64 when it is built (else the Python kernels above, which are also its reference in the
 # tests); measured fwd + bwd of one self-attention (batch 256, 8 heads of 16, 2 threads):
 # history 20: 8.2 ms vs 17.8 (Python kernels); history 50: 25.4 ms vs 41.5; 64 x 5: 0.35 vs 1.0
@@ -55,7 +55,7 @@ def _tiny(B: int, H: int, Lq: int, Lk: int) -> bool:
 
 def _fused_kernel(x: Tensor):  # noqa: ANN202
     """The fused C++ kernel for a CPU float32/float64 input, when `FUSED` and it is built."""
-    return fused.kernel() if FUSED and x.dtype in _FUSED_DTYPES else None
+    return kernels.load("attention") if FUSED and x.dtype in _FUSED_DTYPES else None
 
 
 def attention(
@@ -354,7 +354,7 @@ class _PackedAttention(torch.autograd.Function):
 
 class _FusedAttention(torch.autograd.Function):
     """The CPU path of `self_attention`, `cross_attention` and `attention` when the fused
-    kernel is built (`fused.py`): one C++ call for the forward and one for the backward, each
+    kernel is built (`seqrank/kernels.py`): one C++ call for the forward and one for the backward, each
     walking every (sample, head) with its q, k, v, scores and gradients in L1 cache, ReLU applied
     on load. Same packed layouts and saved tensors as `_PackedAttention` (P and the dropout draws
     are (B, H, Lq, Lk) here, sample-major).

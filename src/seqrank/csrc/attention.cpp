@@ -2,7 +2,7 @@
 // the key mask, the softmax, dropout on the weights and the product with the values (and in the
 // backward call their gradients), with the head's q, k, v, scores and gradients in L1 cache.
 //
-// Built on first use by torch.utils.cpp_extension (seqrank/models/layers/fused.py); the Python
+// Built on first use by torch.utils.cpp_extension (seqrank/kernels.py); the Python
 // kernels in attention.py are the reference it is tested against and the fallback where it
 // cannot be built. Inputs are strided (B, L, H, d) views whose last axis is contiguous (q, k and
 // v may be slices of one packed projection); gradients are written through views of the same
