@@ -90,6 +90,7 @@ class Adam(torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        self.defaults["lazy"] = lazy  # also for groups added later (add_param_group)
         for group in self.param_groups:
             group.setdefault("lazy", lazy)
         # AMP's GradScaler must unscale the gradients itself (our sparse path takes no scale)
@@ -105,9 +106,10 @@ class Adam(torch.optim.Adam):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # also what load_state_dict ends with: a group saved before `lazy` existed gets ours
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("lazy", False)
+            group.setdefault("lazy", self.defaults.get("lazy", False))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

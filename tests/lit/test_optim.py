@@ -150,6 +150,22 @@ def test_sparse_adam_kernel_is_the_default_path(monkeypatch: pytest.MonkeyPatch)
     assert calls == [[1, 3]]  # coalesced: sorted, unique
 
 
+def test_lazy_survives_a_state_dict_without_it() -> None:
+    """A checkpoint's param groups replace ours on load; one saved before `lazy` existed takes
+    the optimiser's own setting, one saved with it keeps the saved value."""
+    emb = nn.Embedding(5, 2, sparse=True)
+    for lazy in (False, True):
+        opt = Adam(emb.parameters(), lazy=lazy)
+        old = opt.state_dict()
+        del old["param_groups"][0]["lazy"]
+        opt.load_state_dict(old)
+        assert opt.param_groups[0]["lazy"] is lazy
+        opt.load_state_dict(Adam(emb.parameters(), lazy=not lazy).state_dict())
+        assert opt.param_groups[0]["lazy"] is (not lazy)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert opt.param_groups[-1]["lazy"] is True
+
+
 def test_sparse_adam_kernel_rejects_bad_tensors_naming_them() -> None:
     kernel = require_kernel("adam")
     p, m, v = torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2)
@@ -163,6 +179,9 @@ def test_sparse_adam_kernel_rejects_bad_tensors_naming_them() -> None:
         kernel.sparse_dense_adam(p, torch.zeros(3, 2), v, rows, values, *args)
     with pytest.raises(RuntimeError, match="rows must be a 1-d int64"):
         kernel.sparse_dense_adam(p, m, v, rows.int(), values, *args)
+    for bad in ([2, 1], [1, 1], [4], [-1]):
+        with pytest.raises(RuntimeError, match="rows must be sorted, unique and in"):
+            kernel.sparse_dense_adam(p, m, v, torch.tensor(bad), torch.ones(len(bad), 2), *args)
 
 
 def test_dense_path_is_torch_adam() -> None:

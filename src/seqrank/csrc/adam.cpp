@@ -128,6 +128,12 @@ void sparse_dense_adam(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_
                   values.numel() == rows.numel() * D,
               "sparse_dense_adam: values ", values.sizes(), " do not hold one row of ",
               param.sizes(), " per index");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) {  // the walk over the table relies on this
+    TORCH_CHECK(r[k] >= 0 && r[k] < param.size(0) && (k == 0 || r[k] > r[k - 1]),
+                "sparse_dense_adam: rows must be sorted, unique and in [0, ", param.size(0),
+                "); row ", k, " is ", r[k]);
+  }
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sparse_dense_adam", [&] {
     sparse_dense_adam_impl<scalar_t>(param, exp_avg, exp_avg_sq, rows, values, lr, beta1, beta2,
                                      eps, weight_decay, decoupled, maximize, step);
