@@ -56,8 +56,11 @@ def _spec(name: str) -> tuple[Path, str, str]:
 
 
 def enabled(name: str = "attention") -> bool:
-    """Whether kernel `name` may be used (its environment variable is not "0")."""
-    return os.environ.get(_spec(name)[1], "1") != "0"
+    """Whether kernel `name` may be used (its environment variable is not "0"); called on every
+    attention call, so no path is built here."""
+    if name not in KERNELS:
+        _spec(name)  # raises, naming the kernels
+    return os.environ.get(KERNELS[name][1], "1") != "0"
 
 
 def _cpu_id() -> str:
