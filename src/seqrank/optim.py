@@ -1,9 +1,9 @@
 """Adam for models whose large embedding tables produce sparse (row-wise) gradients.
 
 A lookup touches B * (L+1) rows of a table with ~10^5 rows (Electronics: 5k of 63k rows at
-B=256). With a dense gradient every step zero-fills the whole table's gradient (fresh pages:
-the allocator hands a freed 16 MB block back to the system), adds the lookups into it and runs
-Adam over every row, reading the gradient once more. With `nn.Embedding(sparse=True)` the
+B=256). With a dense gradient every step zero-fills the whole table's gradient (a 16 MB memset
+for Electronics' items), adds the lookups into it and runs Adam over every row, reading the
+gradient once more. With `nn.Embedding(sparse=True)` the
 gradient holds only the touched rows, and `Adam` below updates the table either
 
 - exactly as dense Adam would (the default, `lazy=False`): one pass over every row of the table
