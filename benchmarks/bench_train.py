@@ -398,8 +398,6 @@ for _name in (
     for _op in (_name, _name + "_backward"):
         if hasattr(aten, _op):
             MATMULS.add(getattr(aten, _op))
-# torch's FlopCounterMode knows the out-of-place products (`addmm.out` is an overload of addmm)
-# but not the in-place ones: the same FLOPs as their out-of-place forms
 
 
 def _raw(formula):  # noqa: ANN001, ANN202
@@ -413,6 +411,8 @@ def _raw(formula):  # noqa: ANN001, ANN202
     return count
 
 
+# torch's FlopCounterMode knows the out-of-place products (`addmm.out` is an overload of addmm)
+# but not the in-place ones: the same FLOPs as their out-of-place forms
 FLOPS_IN_PLACE = {
     aten.addmm_: _raw(flop_registry[aten.addmm]),
     aten.baddbmm_: _raw(flop_registry[aten.baddbmm]),
