@@ -318,6 +318,25 @@ inline v8 vexp_neg(v8 x) {  // exp_neg, 8 at a time
   return p * reinterpret_cast<v8>((n + 127) << 23);
 }
 
+typedef int16_t v8h __attribute__((vector_size(16)));
+typedef int16_t v8hu __attribute__((vector_size(16), aligned(2)));
+
+// the dropout factors of keys 8u..8u+7 of one row of draws `br` (Lk of them): keep_scale where
+// the draw is >= thr, else 0 (also past the row's end: padded keys have weight 0 anyway)
+inline v8 keep_factor(const int16_t* br, int64_t u, int64_t Lk, int16_t thr, float ks) {
+  v8h h;
+  if (8 * u + 8 <= Lk) {
+    h = *reinterpret_cast<const v8hu*>(br + 8 * u);
+  } else {  // the row's last, partial vector: never read past its end
+    h = v8h{};
+    std::memcpy(&h, br + 8 * u, (Lk - 8 * u) * sizeof(int16_t));
+    for (int64_t l = Lk - 8 * u; l < 8; ++l) h[l] = std::numeric_limits<int16_t>::min();
+  }
+  const v8h t = v8h{thr, thr, thr, thr, thr, thr, thr, thr};
+  const v8i keep = __builtin_convertvector(h >= t, v8i);  // -1 where kept, else 0
+  return reinterpret_cast<v8>(keep & reinterpret_cast<v8i>(splat(ks)));
+}
+
 // head h of sample b, (L, d) rows of d/8 vectors, ReLU'd with `relu`
 inline void vload(const float* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t nd,
                   bool relu, v8* out) {
@@ -439,7 +458,8 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const float* wr = sf;
         if (bp) {
           const int16_t* br = bp + (n * Lq + i) * Lk;
-          for (int64_t j = 0; j < Lk; ++j) w[j] = br[j] >= thr ? sf[j] * ks : 0.0f;
+          v8* wv = reinterpret_cast<v8*>(w);
+          for (int64_t u = 0; u < nk; ++u) wv[u] = s[u] * keep_factor(br, u, Lk, thr, ks);
           wr = w;
         }
         v8 a0[ND], a1[ND];  // even and odd keys: two chains per vector
@@ -524,10 +544,11 @@ void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
         const float* wr = pf;
         if (bp) {
           const int16_t* br = bp + (n * Lq + i) * Lk;
-          for (int64_t j = 0; j < Lk; ++j) {
-            const float kj = br[j] >= thr ? ks : 0.0f;
-            dwf[j] *= kj;
-            w[j] = pf[j] * kj;
+          v8* wv = reinterpret_cast<v8*>(w);
+          for (int64_t u = 0; u < nk; ++u) {
+            const v8 kf = keep_factor(br, u, Lk, thr, ks);
+            dw[u] *= kf;
+            wv[u] = p[u] * kf;
           }
           wr = w;
         }
