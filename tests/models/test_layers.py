@@ -498,6 +498,47 @@ def test_fused_kernel_is_the_default_cpu_path(monkeypatch: pytest.MonkeyPatch) -
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", ["self", "cross", "separate"])
+def test_fused_half_inputs_run_the_float32_kernel(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, packed: str
+) -> None:
+    """Half-precision inputs (CPU autocast's projections) go through the kernel on float32
+    copies: the output is the float32 kernel's on the upcast inputs, cast back; the gradient
+    reaches the half input in its dtype, the float32 kernel's gradient cast down."""
+    require_fused()
+    monkeypatch.setattr(attention_module, "FUSED", True)
+    calls = []
+    real = attention_module._FusedAttention.apply
+    monkeypatch.setattr(
+        attention_module._FusedAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a)
+    )
+    torch.manual_seed(0)
+    B, L, H, d = 5, 7, 2, 8
+    mask = torch.rand(B, L) > 0.3
+    mask[0] = False  # a row without keys
+    x = (torch.randn(B, L, 3, H, d) * 2).to(dtype)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)  # the same dropout draws for both dtypes
+        if packed == "self":
+            return self_attention(t, mask, mask, 0.2, relu=True)
+        if packed == "cross":
+            return cross_attention(t[:, :, 0], t[:, :, 1:], mask, None, 0.2, relu=True)
+        return attention(*t.unbind(2), mask, mask, 0.2)
+
+    half, full = x.clone().requires_grad_(), x.float().requires_grad_()
+    y, want = run(half), run(full)
+    assert calls == [torch.float32, torch.float32]  # the kernel, in float32, both times
+    assert y.dtype == dtype
+    assert torch.equal(y, want.to(dtype))
+    g = torch.randn(y.shape).to(dtype)
+    (got,) = torch.autograd.grad(y, half, g)
+    (ref,) = torch.autograd.grad(want, full, g.float())
+    assert got.dtype == dtype
+    assert torch.equal(got, ref.to(dtype))
+
+
 def test_fused_build_failure_warns_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1,14 +1,15 @@
 """Multi-head scaled dot-product attention over padded sequences (Vaswani et al., 2017).
 
 `attention` is the core both models use: softmax over the valid keys, dropout on the weights,
-weights times values. On CPU, in float32 and float64, it runs as one fused C++ call per pass
+weights times values. On CPU, in float32 and float64 (and for bfloat16/float16 inputs, CPU
+autocast's, on float32 copies), it runs as one fused C++ call per pass
 (`seqrank/kernels.py`, `seqrank/csrc/attention.cpp`): for every (sample, head) the scores, key mask, softmax,
 dropout and product with the values - and in the backward call their gradients - with the
 head's q, k, v and scores in L1 cache, ReLU (ATRank's activated Q/K/V) applied on load. Written
 op by op, each of those steps is a pass over the whole (B, H, L, L) tensor in memory and an op
 call with its overhead; at these sizes (16-wide heads, histories of 5-50) the calls and passes,
-not the FLOPs, are the cost. In half precision, and where the kernel is not built (no compiler,
-or `SEQRANK_FUSED_ATTENTION=0`), two Python kernels do the same: one autograd function that walks
+not the FLOPs, are the cost. Where the kernel is not built (no compiler, or
+`SEQRANK_FUSED_ATTENTION=0`), two Python kernels do the same: one autograd function that walks
 the heads and chunks of samples with each head's scores in cache, and, for small attention (all
 heads' scores together at most `TINY_TOTAL` entries), plain ops over all heads. Elsewhere (CUDA,
 and under `torch.compile`) it is `F.scaled_dot_product_attention`, whose fused kernels include
@@ -43,8 +44,12 @@ TINY_TOTAL = 1 << 21
 # float64 when it is built (else the Python kernels above, which are also its reference in the
 # tests); measured fwd + bwd of one self-attention (batch 256, 8 heads of 16, 2 threads):
 # history 20: 8.2 ms vs 17.8 (Python kernels); history 50: 25.4 ms vs 41.5; 64 x 5: 0.35 vs 1.0
+# Half-precision inputs (CPU autocast: bfloat16 / float16 projections) run through the float32
+# kernel on float32 copies, the output cast back: one pass over the projection each way, where
+# the Python kernels would run a dozen ops per group in half precision.
 FUSED = True
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _EMPTY_BITS = torch.empty(0, dtype=torch.int16)
 _EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
@@ -54,8 +59,19 @@ def _tiny(B: int, H: int, Lq: int, Lk: int) -> bool:
 
 
 def _fused_kernel(x: Tensor):  # noqa: ANN202
-    """The fused C++ kernel for a CPU float32/float64 input, when `FUSED` and it is built."""
-    return kernels.load("attention") if FUSED and x.dtype in _FUSED_DTYPES else None
+    """The fused C++ kernel for a CPU float32/float64 input, or a half one (run in float32),
+    when `FUSED` and it is built."""
+    ok = FUSED and (x.dtype in _FUSED_DTYPES or x.dtype in _HALF_DTYPES)
+    return kernels.load("attention") if ok else None
+
+
+def _kernel_dtype(*xs: Tensor) -> tuple[Tensor, ...]:
+    """The inputs as the kernel takes them: half ones as float32 copies (the same tensor once
+    for the same input)."""
+    if xs[0].dtype not in _HALF_DTYPES:
+        return xs
+    first = xs[0].float()
+    return (first, *(first if x is xs[0] else x.float() for x in xs[1:]))
 
 
 def attention(
@@ -93,8 +109,10 @@ def attention(
         ext = _fused_kernel(q)
         if ext is not None:  # k and v packed for the kernel: one small copy
             rows = None if bool(row_valid.all()) else row_valid
-            kv = torch.stack([k, v], dim=2)  # (B, Lk, 2, H, d)
-            return _FusedAttention.apply(q[:, :, None], kv, attend, rows, dropout, scale, False, False, ext)
+            q32, k32, v32 = _kernel_dtype(q, k, v)
+            kv = torch.stack([k32, v32], dim=2)  # (B, Lk, 2, H, d)
+            y = _FusedAttention.apply(q32[:, :, None], kv, attend, rows, dropout, scale, False, False, ext)
+            return y.to(q.dtype)
         if _tiny(B, H, Lq, k.shape[1]):  # e.g. one query (ATRank's target): a few ops for all heads
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
             y = apply_dropout(weights, dropout) @ v.transpose(1, 2)  # (B, H, Lq, d)
@@ -180,9 +198,11 @@ def _packed_attention(
     attend = key_mask | ~has_key[:, None]  # (B, Lk)
     rows = None if bool(row_valid.all()) else row_valid
     if ext is not None:
-        return _FusedAttention.apply(
-            q_src, kv_src, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q_src is kv_src, ext
+        q32, kv32 = _kernel_dtype(q_src, kv_src)
+        y = _FusedAttention.apply(
+            q32, kv32, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q32 is kv32, ext
         )
+        return y.to(q_src.dtype)
     return _PackedAttention.apply(
         q_src, kv_src, attend, rows, dropout, 1.0 / math.sqrt(d), relu, q_src is kv_src
     )
