@@ -7,6 +7,7 @@ batch by one broadcast `start[:, None] + arange(L)`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -130,8 +131,10 @@ def gather_torch(events: dict[str, torch.Tensor], samples: dict[str, torch.Tenso
 
 def to_device(arrays: EventArrays | SampleArrays, device: torch.device) -> dict[str, torch.Tensor]:
     """Each field of the (memory-mapped) arrays as a tensor on `device`, read once."""
-    return {name: torch.from_numpy(np.ascontiguousarray(value)).to(device)
-            for name, value in vars(arrays).items()}
+    with warnings.catch_warnings():  # read-only memory maps: the tensors are only ever read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(np.ascontiguousarray(value)).to(device)
+                for name, value in vars(arrays).items()}
 
 
 class DeviceGatherDataset(torch.utils.data.Dataset):
