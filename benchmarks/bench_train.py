@@ -37,10 +37,12 @@ the same GEMM runs anywhere between 80 and 150 GFLOP/s from one 0.2 s window to 
 only figures taken in the same windows, with the same statistic, are compared: e2e is a mean
 (its batches differ from step to step, and with length groups so does its work), so the
 ceiling and reference beside it are means over the same windows.
-`--embeddings dense sparse lazy` runs each model with dense embedding gradients, with row ones
+`--embeddings auto dense sparse lazy` runs each model with the configs' default
+(`sparse_embeddings="auto"`: on one CPU process, row gradients with the dense-equivalent update
+below; dense gradients on CUDA), with dense embedding gradients, with row ones
 (`sparse_embeddings=True`) and `seqrank.optim.Adam`'s dense-equivalent update (one C++ pass over
 the table, no dense gradient), and with row ones and lazy Adam on the touched rows (`lazy=True`:
-not dense Adam).
+not dense Adam). The default is `auto` alone.
 `--length-groups N` passes `length_groups=N` to the models (0: pad every batch to --hist, the
 old path); without it the models' default applies.
 Data: a random store with Electronics shapes (63k items, 801 categories, 192k users, 1.69M
@@ -50,7 +52,7 @@ training samples with a full history at --hist). A line before the table gives t
 histories' mean length and full share at each --hist (how much of a padded batch is padding).
 
     python benchmarks/bench_train.py --batch 256 1024 --hist 20 50 --models bst atrank \
-        --embeddings dense sparse lazy
+        --embeddings auto dense lazy
     python benchmarks/bench_train.py --device cuda --precision bf16-mixed --batch 4096 16384   # GPU
     python benchmarks/bench_train.py --length-groups 0 --lengths full   # padded path, no padding
 
@@ -88,7 +90,7 @@ from seqrank.lit.ranking import RankingModule
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
 from seqrank.models.layers.time import log2_time_bucket
-from seqrank.optim import Adam
+from seqrank.optim import Adam, resolve_sparse_embeddings
 
 LENGTHS = ("electronics", "poisson", "full")
 FIVE_CORE = 5  # the 5-core's fewest events a user
@@ -232,7 +234,7 @@ def build_net(
     name: str,
     schema,  # noqa: ANN001
     hist: int,
-    sparse: bool = False,
+    sparse: bool | str = False,
     length_groups: int | None = None,
 ) -> nn.Module:
     """Our model; `length_groups` is passed only when given (None: the model's default)."""
@@ -581,7 +583,7 @@ def bench(
     dm: SeqDataModule,
     steps: int,
     precision: str,
-    embeddings: str = "dense",
+    embeddings: str = "auto",
     compile: bool = False,
     n_batches: int = 8,
     length_groups: int | None = None,
@@ -595,10 +597,12 @@ def bench(
     batches = [next(it).to(DEVICE) for _ in range(n_batches)]
     # compute only: our model, fused Adam (its sparse-gradient update for row gradients),
     # pre-built batches
-    sparse, lazy = embeddings != "dense", embeddings == "lazy"
+    sparse = {"auto": "auto", "dense": False}.get(embeddings, True)
+    lazy = embeddings == "lazy"
     torch.manual_seed(0)
     net = build_net(model, schema, hist, sparse, length_groups).to(DEVICE)
     opt = Adam(net.parameters(), 1e-3, fused=True, lazy=lazy)
+    dense_why = resolve_sparse_embeddings(net, opt)  # "auto": as RankingModule decides it
     k = [0]
 
     def step() -> None:
@@ -657,7 +661,7 @@ def bench(
     t_gemm = float(np.mean(timer.passes)) / n_batches
     label = (
         model
-        + (f" {embeddings}" if embeddings != "dense" else "")
+        + (f" {embeddings}" if embeddings != "auto" else "")
         + (f" lg{length_groups}" if length_groups is not None else "")
     )
     return {
@@ -676,6 +680,7 @@ def bench(
         "gflops": flops / n_batches / t_gemm / 1e9,
         "mflop/sample": flops / n_batches / B / 1e6,
         "input_share": t_gather / t_e2e,
+        "embedding gradients": "dense" if embeddings == "dense" or dense_why else "rows",
     }
 
 
@@ -793,10 +798,11 @@ def main() -> None:
     p.add_argument(
         "--embeddings",
         nargs="+",
-        choices=["dense", "sparse", "lazy"],
-        default=["dense"],
-        help="embedding gradients: dense; sparse rows with dense Adam's update; sparse rows "
-        "with lazy Adam",
+        choices=["auto", "dense", "sparse", "lazy"],
+        default=["auto"],
+        help="embedding gradients: auto (the configs' default: sparse rows with dense Adam's "
+        "update on one CPU process, else dense); dense; sparse rows with dense Adam's update; "
+        "sparse rows with lazy Adam",
     )
     p.add_argument("--compile", action="store_true", help="e2e with RankingModule(compile=True)")
     p.add_argument(
@@ -888,6 +894,8 @@ def main() -> None:
             f"{r['mflop/sample']:.1f}",
         )
     console.print(t)
+    grads = {r["model"]: r["embedding gradients"] for r in rows}
+    console.print("embedding gradients: " + "; ".join(f"{m}: {g}" for m, g in grads.items()))
 
 
 if __name__ == "__main__":

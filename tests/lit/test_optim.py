@@ -4,6 +4,7 @@ gradients; checkpoints round-trip the optimiser state; Lightning wiring."""
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import lightning as L
@@ -16,8 +17,9 @@ from torch.utils.data import DataLoader
 from seqrank import kernels
 from seqrank.data.types import Batch, Schema
 from seqrank.lit.ranking import RankingModule
+from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
-from seqrank.optim import Adam, clip_gradients_
+from seqrank.optim import Adam, clip_gradients_, resolve_sparse_embeddings
 from tests.kernels import require_kernel
 from tests.models.conftest import make_batch
 
@@ -147,7 +149,7 @@ def test_sparse_adam_kernel_is_the_default_path(monkeypatch: pytest.MonkeyPatch)
         opt = Adam(emb.parameters(), lazy=lazy)
         emb(torch.tensor([3, 1, 3])).sum().backward()
         opt.step()
-    assert calls == [[1, 3]]  # coalesced: sorted, unique
+    assert calls == [[3, 1, 3]]  # as the backward gives them: the kernel sums the repeat
 
 
 def test_lazy_survives_a_state_dict_without_it() -> None:
@@ -179,9 +181,31 @@ def test_sparse_adam_kernel_rejects_bad_tensors_naming_them() -> None:
         kernel.sparse_dense_adam(p, torch.zeros(3, 2), v, rows, values, *args)
     with pytest.raises(RuntimeError, match="rows must be a 1-d int64"):
         kernel.sparse_dense_adam(p, m, v, rows.int(), values, *args)
-    for bad in ([2, 1], [1, 1], [4], [-1]):
-        with pytest.raises(RuntimeError, match="rows must be sorted, unique and in"):
+    for bad in ([1, 4], [-1], [2, 1, 9]):
+        before = p.clone()
+        with pytest.raises(RuntimeError, match=r"rows must be in \[0, 4\); row \d is (4|-1|9)"):
             kernel.sparse_dense_adam(p, m, v, torch.tensor(bad), torch.ones(len(bad), 2), *args)
+        assert torch.equal(p, before) and not m.any() and not v.any()  # nothing half-written
+
+
+def test_sparse_adam_kernel_sums_repeated_rows_in_any_order() -> None:
+    """Rows unsorted and repeated (an uncoalesced gradient) give the coalesced gradient's
+    update: float64, against the same kernel on the coalesced rows."""
+    kernel = require_kernel("adam")
+    torch.manual_seed(0)
+    rows = torch.tensor([7, 2, 7, 0, 2, 7, 5])
+    values = torch.randn(len(rows), 3, dtype=torch.float64)
+    coalesced = torch.sparse_coo_tensor(rows[None], values, (9, 3)).coalesce()
+    args = (0.05, 0.9, 0.999, 1e-8, 0.01, False, False, 3.0)
+    out = []
+    for r, vals in ((rows, values), (coalesced.indices()[0], coalesced.values())):
+        p = torch.arange(27.0, dtype=torch.float64).view(9, 3) / 10
+        m = torch.full_like(p, 0.01)
+        v = torch.full_like(p, 0.02)
+        kernel.sparse_dense_adam(p, m, v, r.contiguous(), vals.contiguous(), *args)
+        out.append((p, m, v))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
 
 
 def test_dense_path_is_torch_adam() -> None:
@@ -232,7 +256,7 @@ def test_clipping_sparse_and_dense_together(algorithm: str) -> None:
             torch.testing.assert_close(g1, g0.clamp(-1.0, 1.0))
 
 
-def lit_module(sparse: bool) -> RankingModule:
+def lit_module(sparse: bool | str) -> RankingModule:
     torch.manual_seed(0)
     net = BST(SCHEMA, max_len=6, dropout=0.0, mlp_dims=(32,), sparse_embeddings=sparse)
     return RankingModule(net, optimizer=partial(Adam, lr=1e-3, fused=True))
@@ -291,3 +315,82 @@ def test_torch_adam_with_sparse_embeddings_fails_naming_the_fix() -> None:
     m = RankingModule(net, optimizer=partial(torch.optim.Adam, lr=1e-3))
     with pytest.raises(ValueError, match="seqrank.optim.Adam"):
         m.configure_optimizers()
+
+
+def grads_seen(module: RankingModule) -> list[bool]:
+    """Records, per training step, whether the item table's gradient was sparse."""
+    seen: list[bool] = []
+    module.on_before_optimizer_step = lambda opt: seen.append(  # type: ignore[method-assign]
+        module.net.item_emb.weight.grad.is_sparse
+    )
+    return seen
+
+
+def test_auto_gives_row_gradients_on_one_cpu_process(tmp_path) -> None:  # noqa: ANN001
+    """sparse_embeddings="auto" (the configs' default): with seqrank's Adam on one CPU process
+    the tables train with row gradients, and the weights are those of dense gradients."""
+    require_kernel("adam")
+    auto = lit_module(sparse="auto")
+    assert not auto.net.item_emb.sparse  # undecided until the run's optimiser exists
+    seen = grads_seen(auto)
+    fit(auto, tmp_path, enable_checkpointing=False)
+    assert seen == [True] * 3 and auto.net.item_emb.sparse and auto.net.cate_emb.sparse
+    dense = lit_module(sparse=False)
+    seen = grads_seen(dense)
+    fit(dense, tmp_path, enable_checkpointing=False)
+    assert seen == [False] * 3
+    for (name, a), b in zip(dense.named_parameters(), auto.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        (partial(torch.optim.Adam, lr=1e-3), "not seqrank.optim.Adam"),
+        (partial(Adam, lr=1e-3, lazy=True), "lazy Adam"),
+    ],
+)
+def test_auto_stays_dense_where_rows_would_change_the_updates(
+    tmp_path, optimizer, match: str, caplog: pytest.LogCaptureFixture  # noqa: ANN001
+) -> None:
+    """torch's Adam (which refuses sparse gradients) and lazy Adam (another optimiser) keep
+    dense gradients under "auto", saying why; an explicit `true` with torch's Adam still fails."""
+    torch.manual_seed(0)
+    net = BST(SCHEMA, max_len=6, dropout=0.0, mlp_dims=(32,), sparse_embeddings="auto")
+    module = RankingModule(net, optimizer=optimizer)
+    seen = grads_seen(module)
+    with caplog.at_level("INFO", logger="seqrank.optim"):
+        fit(module, tmp_path, steps=2, enable_checkpointing=False)
+    assert seen == [False, False]
+    assert re.search(f"sparse_embeddings=auto: dense gradients, since .*{match}", caplog.text)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"world_size": 2}, "2 processes train together"),
+        ({"compiled": True}, "compiled"),
+        ({"scaled": True}, "gradient scaler"),
+    ],
+)
+def test_auto_resolution_reasons(kwargs: dict, match: str) -> None:
+    require_kernel("adam")
+    net = ATRank(SCHEMA, max_len=6)  # "auto" by default, like BST
+    opt = Adam(net.parameters())
+    assert resolve_sparse_embeddings(net, opt) is None
+    assert net.behaviors.item.sparse and net.behaviors.cate.sparse
+    assert match in resolve_sparse_embeddings(net, opt, **kwargs)
+    assert not net.behaviors.item.sparse and not net.behaviors.cate.sparse
+    meta = ATRank(SCHEMA, max_len=6).to("meta")
+    assert "not on the CPU" in resolve_sparse_embeddings(meta, Adam(meta.parameters()))
+    # tables set explicitly are not touched
+    fixed = ATRank(SCHEMA, max_len=6, sparse_embeddings=False)
+    assert resolve_sparse_embeddings(fixed, Adam(fixed.parameters())) is None
+    assert not fixed.behaviors.item.sparse
+
+
+@pytest.mark.parametrize("model", [BST, ATRank])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_sparse_embeddings_rejects_other_values(model: type, value: object) -> None:
+    with pytest.raises(ValueError, match=r"sparse_embeddings=.* is invalid; allowed: true, false"):
+        model(SCHEMA, max_len=6, sparse_embeddings=value)

@@ -6,8 +6,10 @@
 // Built on first use by torch.utils.cpp_extension (seqrank/kernels.py); seqrank/optim.py holds
 // the torch fallback it is tested against.
 //
-// param, exp_avg, exp_avg_sq: (N, D) contiguous, one dtype; rows: (R,) int64, sorted, unique
-// (a coalesced sparse gradient's indices); values: (R, D) contiguous, the rows' gradients.
+// param, exp_avg, exp_avg_sq: (N, D) contiguous, one dtype; rows: (R,) int64 in [0, N), in any
+// order and with repeats (an uncoalesced sparse gradient's indices, as nn.Embedding's backward
+// gives them: no sort, no coalesce); values: (R, D) contiguous, one gradient row per index. A
+// repeated row's gradients are summed in the order they come, as coalescing would sum them.
 // step: the step number after this update (1 on the first). The formula is torch's Adam:
 //   g = -g if maximize;  p -= lr * wd * p (decoupled) or g += wd * p (L2)
 //   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
@@ -19,7 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -45,28 +49,26 @@ void adam_row(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* 
 }
 
 template <typename T, bool Maximize, int WeightDecay>
-void adam_table(T* p, T* m, T* v, const T* g, const int64_t* r, int64_t N, int64_t D, int64_t R,
+void adam_table(T* p, T* m, T* v, const T* g, const int32_t* slot, int64_t N, int64_t D,
                 T lr_wd, T wd, T beta1, T beta2, T step_size, T inv_bc2_sqrt, T eps) {
-  // rows in chunks; each chunk finds its first gradient row by binary search and walks on
+  // rows in chunks; a run of rows without a gradient (slot < 0) is one call over run * D values
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
                    [&](int64_t begin, int64_t end) {
-                     int64_t k = std::lower_bound(r, r + R, begin) - r;
                      int64_t i = begin;
                      while (i < end) {
-                       // the rows up to the next gradient row read no gradient
-                       const int64_t stop = k < R ? std::min(end, r[k]) : end;
+                       int64_t stop = i;
+                       while (stop < end && slot[stop] < 0) ++stop;
                        if (stop > i) {
                          adam_row<T, false, Maximize, WeightDecay>(
                              p + i * D, m + i * D, v + i * D, nullptr, (stop - i) * D, lr_wd, wd,
                              beta1, beta2, step_size, inv_bc2_sqrt, eps);
                          i = stop;
                        }
-                       if (i < end && k < R && r[k] == i) {
+                       if (i < end) {
                          adam_row<T, true, Maximize, WeightDecay>(
-                             p + i * D, m + i * D, v + i * D, g + k * D, D, lr_wd, wd, beta1,
-                             beta2, step_size, inv_bc2_sqrt, eps);
+                             p + i * D, m + i * D, v + i * D, g + slot[i] * D, D, lr_wd, wd,
+                             beta1, beta2, step_size, inv_bc2_sqrt, eps);
                          ++i;
-                         ++k;
                        }
                      }
                    });
@@ -82,14 +84,30 @@ void sparse_dense_adam_impl(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& 
   T* p = param.data_ptr<T>();
   T* m = exp_avg.data_ptr<T>();
   T* v = exp_avg_sq.data_ptr<T>();
-  const T* g = values.data_ptr<T>();
+  const T* in = values.data_ptr<T>();
   const int64_t* r = rows.data_ptr<int64_t>();
+  // slot[i]: row i's place in `sum` (-1: no gradient); sum: each touched row's summed gradient
+  std::vector<int32_t> slot(static_cast<size_t>(N), -1);
+  std::vector<T> sum;
+  sum.reserve(static_cast<size_t>(R * D));
+  int32_t touched = 0;
+  for (int64_t k = 0; k < R; ++k) {
+    const T* row = in + k * D;
+    if (slot[r[k]] < 0) {
+      slot[r[k]] = touched++;
+      sum.insert(sum.end(), row, row + D);
+    } else {
+      T* acc = sum.data() + static_cast<int64_t>(slot[r[k]]) * D;
+      for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
+    }
+  }
+  const T* g = sum.data();
   const T step_size = static_cast<T>(lr / (1.0 - std::pow(beta1, step)));
   const T inv_bc2_sqrt = static_cast<T>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
   const int wd_mode = weight_decay == 0.0 ? 0 : (decoupled ? 2 : 1);
   auto run = [&](auto maximize_c, auto wd_c) {
     adam_table<T, decltype(maximize_c)::value, decltype(wd_c)::value>(
-        p, m, v, g, r, N, D, R, T(lr * weight_decay), T(weight_decay), T(beta1), T(beta2),
+        p, m, v, g, slot.data(), N, D, T(lr * weight_decay), T(weight_decay), T(beta1), T(beta2),
         step_size, inv_bc2_sqrt, T(eps));
   };
   auto with_wd = [&](auto maximize_c) {
@@ -129,10 +147,11 @@ void sparse_dense_adam(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_
               "sparse_dense_adam: values ", values.sizes(), " do not hold one row of ",
               param.sizes(), " per index");
   const int64_t* r = rows.data_ptr<int64_t>();
-  for (int64_t k = 0; k < rows.numel(); ++k) {  // the walk over the table relies on this
-    TORCH_CHECK(r[k] >= 0 && r[k] < param.size(0) && (k == 0 || r[k] > r[k - 1]),
-                "sparse_dense_adam: rows must be sorted, unique and in [0, ", param.size(0),
-                "); row ", k, " is ", r[k]);
+  TORCH_CHECK(param.size(0) <= INT32_MAX && rows.numel() <= INT32_MAX,
+              "sparse_dense_adam: tables and gradients of up to 2^31 - 1 rows");
+  for (int64_t k = 0; k < rows.numel(); ++k) {  // checked before anything is written
+    TORCH_CHECK(r[k] >= 0 && r[k] < param.size(0), "sparse_dense_adam: rows must be in [0, ",
+                param.size(0), "); row ", k, " is ", r[k]);
   }
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sparse_dense_adam", [&] {
     sparse_dense_adam_impl<scalar_t>(param, exp_avg, exp_avg_sq, rows, values, lr, beta1, beta2,
@@ -142,5 +161,5 @@ void sparse_dense_adam(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_dense_adam", &sparse_dense_adam,
-        "dense Adam over a table from its row-sparse gradient (sorted unique rows), in place");
+        "dense Adam over a table from its row-sparse gradient (rows in any order, repeats summed), in place");
 }

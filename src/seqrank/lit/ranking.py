@@ -12,7 +12,12 @@ from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
 from seqrank.metrics import RankingMetrics
-from seqrank.optim import clip_gradients_, has_sparse_grads, sparse_embeddings
+from seqrank.optim import (
+    clip_gradients_,
+    has_sparse_grads,
+    resolve_sparse_embeddings,
+    sparse_embeddings,
+)
 
 STAGES = ("train", "val", "test")
 
@@ -112,6 +117,16 @@ class RankingModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
+        # sparse_embeddings="auto": row gradients where the optimiser's update is the same
+        trainer = self._trainer
+        precision = trainer.strategy.precision_plugin if trainer is not None else None
+        resolve_sparse_embeddings(
+            self.net,
+            optimizer,
+            world_size=trainer.world_size if trainer is not None else 1,
+            compiled=bool(self.hparams.compile),
+            scaled=getattr(precision, "scaler", None) is not None,
+        )
         if sparse_embeddings(self.net) and type(optimizer) is torch.optim.Adam:
             raise ValueError(
                 "the net has sparse embeddings (sparse_embeddings=true) but torch.optim.Adam "

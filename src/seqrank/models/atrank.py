@@ -25,6 +25,7 @@ from seqrank.models.layers.attention import (
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.ragged import batch_groups, inverse_permutation
 from seqrank.models.layers.time import log2_time_bucket
+from seqrank.optim import check_sparse_embeddings, embedding_table
 
 TIME_MODES = ("concat", "add")
 GROUP_BYS = ("item", "behavior")
@@ -79,7 +80,8 @@ class BehaviorEmbedding(nn.Module):
         time_buckets: number of log2 time buckets T.
         time_mode: "concat" or "add".
         use_actions: whether each group has an action lookup.
-        sparse: the item and category tables produce sparse (row) gradients.
+        sparse: the item and category tables produce sparse (row) gradients; "auto": decided
+            per run (`optim.resolve_sparse_embeddings`).
     """
 
     def __init__(
@@ -94,13 +96,13 @@ class BehaviorEmbedding(nn.Module):
         time_buckets: int,
         time_mode: str,
         use_actions: bool,
-        sparse: bool = False,
+        sparse: bool | str = False,
     ) -> None:
         super().__init__()
         self.time_mode = time_mode
         # sparse: the backward pass touches only the looked-up rows, not the 63k x 64 table
-        self.item = nn.Embedding(num_items, embed_dim, sparse=sparse)
-        self.cate = nn.Embedding(num_cates, embed_dim, sparse=sparse)
+        self.item = embedding_table(num_items, embed_dim, sparse)
+        self.cate = embedding_table(num_cates, embed_dim, sparse)
         _glorot_(self.item.weight, num_items, embed_dim)
         _glorot_(self.cate.weight, num_cates, embed_dim)
         obj = 2 * embed_dim
@@ -349,10 +351,13 @@ class ATRank(nn.Module):
         length_groups: run each batch as up to this many groups of similar history length,
             each cut to its own longest history, so padding costs no FLOPs (the same outputs
             and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
-        sparse_embeddings: the item and category tables produce sparse gradients holding only
-            the rows in the batch (`nn.Embedding(sparse=True)`); train with `seqrank.optim.Adam`,
-            which then runs dense Adam's update without a dense gradient (or, with `lazy=True`,
-            updates only those rows).
+        sparse_embeddings: True: the item and category tables produce sparse gradients holding
+            only the rows in the batch (`nn.Embedding(sparse=True)`); train with
+            `seqrank.optim.Adam`, which then runs dense Adam's update without a dense gradient
+            (or, with `lazy=True`, updates only those rows). False: dense gradients. "auto":
+            dense until `RankingModule` resolves it for the run (`optim.resolve_sparse_embeddings`:
+            sparse where the updates are dense Adam's and faster, i.e. seqrank's Adam, CPU, one
+            process).
 
     Raises:
         ValueError: on an invalid hyperparameter, naming it, its value and what is allowed.
@@ -374,9 +379,10 @@ class ATRank(nn.Module):
         use_actions: bool = True,
         l2_reg: float = 5e-5,
         length_groups: int = 4,
-        sparse_embeddings: bool = False,
+        sparse_embeddings: bool | str = "auto",
     ) -> None:
         super().__init__()
+        check_sparse_embeddings(sparse_embeddings, "ATRank")
         _check(embed_dim >= 2, "embed_dim", embed_dim, "an integer >= 2")
         dim = 2 * embed_dim
         if num_heads < 1 or dim % num_heads != 0:

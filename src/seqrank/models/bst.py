@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from seqrank.data.types import Batch, Schema
 from seqrank.models.layers import MLP, TimeBucketEmbedding, TransformerEncoder
 from seqrank.models.layers.ragged import batch_groups, inverse_permutation, right_aligned_linear
+from seqrank.optim import check_sparse_embeddings, embedding_table
 
 POOLINGS = ("concat", "target", "mean")
 # what running one more length group costs, in tokens (a token: ~1.4 MFLOP of a training step at
@@ -47,9 +48,13 @@ class BST(nn.Module):
         init_std: standard deviation of the item and category embedding initialisation (the
             paper gives none; 0.1 learns faster than 0.02 on the synthetic data; other tables
             start at 0.02).
-        sparse_embeddings: the item, category and user tables produce sparse gradients holding
-            only the rows in the batch (`nn.Embedding(sparse=True)`); train with
-            `seqrank.optim.Adam`, which then updates only those rows (lazy Adam).
+        sparse_embeddings: True: the item, category and user tables produce sparse gradients
+            holding only the rows in the batch (`nn.Embedding(sparse=True)`); train with
+            `seqrank.optim.Adam`, which then runs dense Adam's update without a dense gradient
+            (or, with `lazy=True`, updates only those rows). False: dense gradients. "auto":
+            dense until `RankingModule` resolves it for the run (`optim.resolve_sparse_embeddings`:
+            sparse where the updates are dense Adam's and faster, i.e. seqrank's Adam, CPU, one
+            process).
         length_groups: run each batch as up to this many groups of similar history length,
             each cut to its own longest history, so padding costs no FLOPs (the same outputs
             and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
@@ -76,7 +81,7 @@ class BST(nn.Module):
         mlp_dims: tuple[int, ...] = (1024, 512, 256),
         mlp_dropout: float = 0.0,
         init_std: float = 0.1,
-        sparse_embeddings: bool = False,
+        sparse_embeddings: bool | str = "auto",
         length_groups: int = 4,
     ) -> None:
         super().__init__()
@@ -110,9 +115,9 @@ class BST(nn.Module):
 
         # embedding layer (paper section 2.1): item and category, concatenated
         # sparse: the backward pass touches only the looked-up rows, not the 63k x 64 table
-        sparse = sparse_embeddings
-        self.item_emb = nn.Embedding(schema.num_items, embed_dim, padding_idx=0, sparse=sparse)
-        self.cate_emb = nn.Embedding(schema.num_cates, embed_dim, padding_idx=0, sparse=sparse)
+        sparse = check_sparse_embeddings(sparse_embeddings, "BST")
+        self.item_emb = embedding_table(schema.num_items, embed_dim, sparse, padding_idx=0)
+        self.cate_emb = embedding_table(schema.num_cates, embed_dim, sparse, padding_idx=0)
         # position: pos(v_i) = t(v_t) - t(v_i), in log2 buckets
         self.time_emb = TimeBucketEmbedding(time_buckets, d_model, time_unit_seconds)
         # one behaviour kind (Amazon) carries no information; the extra row is the candidate
@@ -122,7 +127,7 @@ class BST(nn.Module):
             else None
         )
         self.user_emb = (
-            nn.Embedding(schema.num_users, embed_dim, padding_idx=0, sparse=sparse)
+            embedding_table(schema.num_users, embed_dim, sparse, padding_idx=0)
             if use_user
             else None
         )
