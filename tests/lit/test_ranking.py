@@ -96,3 +96,72 @@ def test_model_gradient_clip_applies_unless_the_trainer_sets_one(trainer_clip, e
     assert norm.item() == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="model.gradient_clip_val=0"):
         RankingModule(nn.Linear(4, 3), partial(torch.optim.SGD, lr=1.0), gradient_clip_val=0)
+
+
+class _Linear(nn.Module):
+    """A tiny trainable net: a logit from the target item's embedding, so the loss moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 1)
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        return self.emb(b.target_item)[:, 0]
+
+
+class _LogsEveryStep(RankingModule):
+    """The way the training loss was logged before: `self.log` on every step, on_step and
+    on_epoch, Lightning keeping the epoch mean."""
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(batch).float(), batch.label)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+
+def _counted(log, calls: list, key: str, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+    calls.append(key)
+    log(key, *args, **kwargs)
+
+
+def _csv_rows(path) -> list[dict]:  # noqa: ANN001
+    import csv
+
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_training_loss_logs_as_logging_every_step(tmp_path, every: int) -> None:
+    """The training loss is logged only on the steps whose values the trainer writes (every
+    `log_every_n_steps`; `self.log` costs ~1 ms a call) and its epoch mean is kept by the module:
+    the written metrics equal those of logging on every step, row for row, over two epochs with
+    batches of unequal size (the epoch mean weighs them as Lightning does)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    batches = [batch(B) for B in (6, 4, 6, 2, 6, 6, 4)]  # 7 steps an epoch, the sizes differ
+    written = {}
+    for name, cls in (("every", _LogsEveryStep), ("ours", RankingModule)):
+        torch.manual_seed(0)
+        m = cls(_Linear(), optimizer=partial(torch.optim.SGD, lr=0.5))
+        calls = []
+        m.log = partial(_counted, m.log, calls)
+        trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=CSVLogger(tmp_path, name=name),
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, accelerator="cpu", devices=1)
+        trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        written[name] = _csv_rows(tmp_path / name / "version_0" / "metrics.csv")
+        if cls is RankingModule:
+            # a call per written step (plus each epoch's mean), not one per step
+            assert calls.count("train/loss_step") == len(range(every - 1, 14, every))
+            assert calls.count("train/loss_epoch") == 2
+            assert set(trainer.progress_bar_metrics) == {"train/loss_step", "train/loss_epoch"}
+    assert len(written["ours"]) == len(written["every"]) > 0
+    for a, b in zip(written["ours"], written["every"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6), (key, a, b)
