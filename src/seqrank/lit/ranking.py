@@ -91,6 +91,8 @@ class RankingModule(L.LightningModule):
         # the epoch's mean loss, weighted by batch size as Lightning's on_epoch mean is, kept here:
         # `self.log` costs ~1 ms a call (Lightning moves its metric state every time), 4% of a
         # CPU step of ATRank at batch 256, so it runs only on the steps whose values are written
+        if self._train_loss_sum.device != loss.device:  # a step before any epoch start
+            self._train_loss_sum = self._train_loss_sum.to(loss.device)
         self._train_loss_sum.add_(loss.detach(), alpha=len(batch))
         self._train_loss_count += len(batch)
         if self._writes_step_logs():
