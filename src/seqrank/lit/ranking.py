@@ -92,7 +92,7 @@ class RankingModule(L.LightningModule):
         # `self.log` costs ~1 ms a call (Lightning moves its metric state every time), 4% of a
         # CPU step of ATRank at batch 256, so it runs only on the steps whose values are written
         if self._train_loss_sum.device != loss.device:  # a step before any epoch start
-            self._train_loss_sum = self._train_loss_sum.to(loss.device)
+            self._train_loss_sum = _loss_sum(loss.device).add_(self._train_loss_sum.item())
         self._train_loss_sum.add_(loss.detach(), alpha=len(batch))
         self._train_loss_count += len(batch)
         if self._writes_step_logs():
@@ -109,7 +109,7 @@ class RankingModule(L.LightningModule):
         return bool(connector.should_update_logs or trainer.fast_dev_run)
 
     def on_train_epoch_start(self) -> None:
-        self._train_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._train_loss_sum = _loss_sum(self.device)
         self._train_loss_count = 0
 
     def on_train_epoch_end(self) -> None:
@@ -219,3 +219,8 @@ class RankingModule(L.LightningModule):
                 f"than {schema.name!r} ({shown}); use the data config it was trained with"
             )
 
+
+def _loss_sum(device: torch.device) -> Tensor:
+    """A zero to sum training losses into: float64, float32 where the device has no float64 (MPS)."""
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    return torch.zeros((), dtype=dtype, device=device)
