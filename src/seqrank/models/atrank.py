@@ -472,8 +472,9 @@ class ATRank(nn.Module):
             torch.cat([item, batch.target_item[:, None]], dim=1),
             torch.cat([cate, batch.target_cate[:, None]], dim=1),
         )  # (B, L+1, 2E)
-        h = self.behaviors(obj[:, :L], bucket, action, group)  # (B, L, D)
-        target = self.embed_target(obj[:, L])  # (B, D)
+        hist_obj, target_obj = obj.split([L, 1], dim=1)  # (B, L, 2E), (B, 1, 2E)
+        h = self.behaviors(hist_obj, bucket, action, group)  # (B, L, D)
+        target = self.embed_target(target_obj.squeeze(1))  # (B, D)
         u, stt, att = self.attend(h, mask, target, return_attention)  # (B, D)
 
         self._user, self._target = u, target
@@ -549,8 +550,10 @@ class ATRank(nn.Module):
             torch.cat([flat(0)[0], batch.target_item[order]]),
             torch.cat([flat(1)[0], batch.target_cate[order]]),
         )  # (T + B, 2E)
-        h = self.behaviors(obj[None, : sum(sizes)], flat(2), flat(3), flat(4))[0]  # (T, D)
-        target = self.embed_target(obj[sum(sizes) :])  # (B, D) in group order
+        # split, not two slices: a slice's backward zero-fills the whole (T + B, 2E) gradient
+        hist_obj, target_obj = obj.split([sum(sizes), len(order)])  # (T, 2E), (B, 2E)
+        h = self.behaviors(hist_obj[None], flat(2), flat(3), flat(4))[0]  # (T, D)
+        target = self.embed_target(target_obj)  # (B, D) in group order
         masks = [p[5] for p in parts]  # (n, L) each
         # the blocks over the behaviours of all groups at once, only the attention per group
         for block in self.self_blocks:
