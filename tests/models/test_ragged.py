@@ -169,6 +169,43 @@ def test_atrank_groups_compute_the_padded_function(attention_path, taobao_schema
     _same_outputs_and_gradients(model, batch)
 
 
+def test_atrank_groups_skip_holes_and_empty_batches(attention_path, taobao_schema, make_batch) -> None:
+    """Positions masked inside a history (holes) and batches whose histories are all empty give
+    the padded path's outputs and gradients too (the groups' dense layers see real behaviours
+    only)."""
+
+    def model() -> ATRank:
+        torch.manual_seed(0)
+        return ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4).double()
+
+    batch = make_batch(taobao_schema, B=48, L=12, seed=5, lengths=_skewed_lengths(48, 12, 3))
+    draws = torch.rand(batch.hist_mask.shape, generator=torch.Generator().manual_seed(0))
+    holes = batch.hist_mask & (draws < 0.3)
+    holes[:, -1] = False  # keep each history's last event: spans stay as they were
+    assert holes.any()
+    _same_outputs_and_gradients(model(), batch.replace(hist_mask=batch.hist_mask & ~holes))
+    empty = make_batch(taobao_schema, B=16, L=12, seed=6, lengths=torch.zeros(16, dtype=torch.long))
+    _same_outputs_and_gradients(model(), empty)
+
+
+def test_atrank_groups_run_dense_layers_on_real_behaviours_only(taobao_schema, make_batch) -> None:
+    """The self-attention's Q/K/V dense of a grouped batch sees one row per real behaviour, not
+    one per group position (a group's histories are padded to its longest)."""
+    torch.manual_seed(0)
+    model = ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4)
+    model.group_cost = 0
+    batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 2))
+    groups, _ = batch_groups(batch, model.max_len, model.length_groups, 0)
+    positions = sum(sub.hist_item.numel() for sub, _ in groups)
+    real = int(batch.hist_mask[:, -model.max_len :].sum())
+    assert real < positions
+    rows = []
+    hook = model.self_blocks[0].ffn.inner.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    model(batch)
+    hook.remove()
+    assert rows == [real]
+
+
 @pytest.mark.parametrize("cls", [BST, ATRank])
 def test_default_groups_split_a_skewed_batch_and_not_a_full_one(schema, make_batch, cls) -> None:
     """With the default group cost, a large batch of mostly short histories is split, one of

@@ -231,34 +231,47 @@ class Attention(nn.Module):
             out = attention(q, k, v, key_mask, query_mask, p)  # (B, Q, D)
         return self.ln(out + queries), weights
 
-    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """Self-attention of length groups, their tokens flat: the Q/K/V denses, the residual
         and the layer norm run once over every token, only the attention per group.
 
         Args:
             x: (T, D) the behaviours of every group, group after group, each group's (n, L)
-                positions row-major; T = the sum of the masks' sizes.
+                positions row-major; T = the sum of the masks' sizes. With `real`: (R, D), only
+                the real behaviours (the masks' true positions, in that order).
             masks: per group, its (n, L) bool mask.
+            real: (R,) int64, where the rows of x sit among the groups' T positions (see
+                `_to_positions`), or None when x holds all T positions.
 
         Returns:
-            (T, D) outputs, as `forward(x_g, m, x_g, m)` gives them for each group.
+            (T, D) outputs, as `forward(x_g, m, x_g, m)` gives them for each group ((R, D): the
+            real positions' outputs, with `real`).
         """
         D, H = x.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
-        parts = _stacked(x, self.q, self.k, self.v).split([m.numel() for m in masks])
+        qkv = _to_positions(_stacked(x, self.q, self.k, self.v), real, masks)  # (T, 3D)
         out = [
             self_attention(qkv.view(*m.shape, 3, H, D // H), m, m, p, relu=True).reshape(-1, D)
-            for qkv, m in zip(parts, masks, strict=True)
+            for qkv, m in zip(qkv.split([m.numel() for m in masks]), masks, strict=True)
         ]  # (n * L, D) per group
-        return self.ln(torch.cat(out) + x)  # (T, D)
+        out = torch.cat(out)  # (T, D)
+        if real is not None:
+            out = out.index_select(0, real)  # (R, D)
+        return self.ln(out + x)  # (T or R, D)
 
-    def forward_target_groups(self, u: Tensor, keys: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_target_groups(
+        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """The vanilla attention of length groups: one query per sample to its group's keys.
 
         Args:
             u: (B, D) queries, group after group (n rows per group).
-            keys: (T, D) the behaviours of every group, flat as in `forward_groups`.
+            keys: (T, D) the behaviours of every group, flat as in `forward_groups`; with
+                `real`, (R, D) the real ones.
             masks: per group, its (n, L) bool key mask.
+            real: as in `forward_groups`.
 
         Returns:
             (B, D) outputs, as `forward(u_g[:, None], ones, keys_g, m)` gives them per group.
@@ -266,12 +279,31 @@ class Attention(nn.Module):
         D, H = u.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
         q = self.q(u).view(-1, 1, H, D // H).split([m.shape[0] for m in masks])  # (n, 1, H, d)
-        kv = _stacked(keys, self.k, self.v).split([m.numel() for m in masks])  # (n * L, 2D)
+        kv = _to_positions(_stacked(keys, self.k, self.v), real, masks)  # (T, 2D)
+        kv = kv.split([m.numel() for m in masks])  # (n * L, 2D) per group
         out = [
             cross_attention(q_g, kv_g.view(*m.shape, 2, H, D // H), m, None, p, relu=True)
             for q_g, kv_g, m in zip(q, kv, masks, strict=True)
         ]  # (n, 1, D) per group
         return self.ln(torch.cat(out).view(-1, D) + u)  # (B, D)
+
+
+def _to_positions(rows: Tensor, real: Tensor | None, masks: Sequence[Tensor]) -> Tensor:
+    """The projections of the real behaviours laid out at the groups' T positions, zero at the
+    padding (which the attention masks: any finite value would do), for the per-group attention.
+
+    Args:
+        rows: (R, C) one row per real behaviour; real: (R,) their positions, or None (rows are
+            already (T, C)); masks: the groups' (n, L) masks, T = the sum of their sizes.
+
+    Returns:
+        (T, C).
+    """
+    if real is None:
+        return rows
+    T = sum(m.numel() for m in masks)
+    # index_copy, not a gather from a padded copy: its backward reads only the real rows
+    return rows.new_zeros(T, rows.shape[1]).index_copy(0, real, rows)  # (T, C)
 
 
 class FeedForward(nn.Module):
@@ -313,13 +345,17 @@ class Block(nn.Module):
         x, weights = self.attn(queries, query_mask, keys, key_mask, return_weights)  # (B, Q, D)
         return self.ffn(x), weights
 
-    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """Self-attention block of length groups, tokens flat (`Attention.forward_groups`)."""
-        return self.ffn(self.attn.forward_groups(x, masks))  # (T, D)
+        return self.ffn(self.attn.forward_groups(x, masks, real))  # (T or R, D)
 
-    def forward_target_groups(self, u: Tensor, keys: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_target_groups(
+        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """Vanilla attention block of length groups (`Attention.forward_target_groups`)."""
-        return self.ffn(self.attn.forward_target_groups(u, keys, masks))  # (B, D)
+        return self.ffn(self.attn.forward_target_groups(u, keys, masks, real))  # (B, D)
 
 
 class ATRank(nn.Module):
@@ -541,26 +577,36 @@ class ATRank(nn.Module):
             (B,) logits in batch order.
         """
         parts = [self.history(sub) for sub, _ in groups]  # (n, L) each
-        sizes = [p[0].numel() for p in parts]
-
-        def flat(k: int) -> Tensor | None:  # field k of every group as one (1, T) row
-            return None if parts[0][k] is None else torch.cat([p[k].reshape(-1) for p in parts])[None]
-
-        obj = self.behaviors.objects(
-            torch.cat([flat(0)[0], batch.target_item[order]]),
-            torch.cat([flat(1)[0], batch.target_cate[order]]),
-        )  # (T + B, 2E)
-        # split, not two slices: a slice's backward zero-fills the whole (T + B, 2E) gradient
-        hist_obj, target_obj = obj.split([sum(sizes), len(order)])  # (T, 2E), (B, 2E)
-        h = self.behaviors(hist_obj[None], flat(2), flat(3), flat(4))[0]  # (T, D)
-        target = self.embed_target(target_obj)  # (B, D) in group order
         masks = [p[5] for p in parts]  # (n, L) each
+        # the real behaviours: a group's histories are cut to its longest, so ~40% of its
+        # positions are padding on 5-core-like data; every layer but the attention works on
+        # each behaviour alone, so only the real ones go through them (ids, lookups,
+        # projections, feed-forwards, layer norms), laid out at the groups' positions for the
+        # attention alone; a batch without padding keeps them all (no gather)
+        valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
+        real = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # (R,)
+
+        def flat(k: int) -> Tensor | None:  # field k of every group as one (1, R or T) row
+            if parts[0][k] is None:
+                return None
+            field = torch.cat([p[k].reshape(-1) for p in parts])  # (T,)
+            return (field if real is None else field[real])[None]
+
+        item = flat(0)[0]
+        obj = self.behaviors.objects(
+            torch.cat([item, batch.target_item[order]]),
+            torch.cat([flat(1)[0], batch.target_cate[order]]),
+        )  # (R + B, 2E)
+        # split, not two slices: a slice's backward zero-fills the whole (R + B, 2E) gradient
+        hist_obj, target_obj = obj.split([len(item), len(order)])  # (R, 2E), (B, 2E)
+        h = self.behaviors(hist_obj[None], flat(2), flat(3), flat(4))[0]  # (R, D)
+        target = self.embed_target(target_obj)  # (B, D) in group order
         # the blocks over the behaviours of all groups at once, only the attention per group
         for block in self.self_blocks:
-            h = block.forward_groups(h, masks)  # (T, D)
+            h = block.forward_groups(h, masks, real)  # (R, D)
         u = target  # (B, D)
         for block in self.target_blocks:
-            u = block.forward_target_groups(u, h, masks)  # (B, D)
+            u = block.forward_target_groups(u, h, masks, real)  # (B, D)
         has_history = torch.cat([m.any(dim=1) for m in masks])[:, None]  # (B, 1)
         u = u * has_history  # (B, D) in group order; no behaviours, no user vector
         self._user, self._target = u, target
