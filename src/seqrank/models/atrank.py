@@ -385,8 +385,9 @@ class ATRank(nn.Module):
         use_actions: whether to embed the action type (only with more than one behaviour).
         l2_reg: rate of the L2 penalty on the user and target vectors (see `regularization`).
         length_groups: run each batch as up to this many groups of similar history length,
-            each cut to its own longest history, so padding costs no FLOPs (the same outputs
-            and gradients; see `layers.ragged`); 0 = pad every batch to max_len.
+            each cut to its own longest history, the layers other than the attention on real
+            behaviours only, so padding costs few FLOPs (the same outputs and gradients; see
+            `layers.ragged` and `forward_groups`); 0 = pad every batch to max_len.
         sparse_embeddings: True: the item and category tables produce sparse gradients holding
             only the rows in the batch (`nn.Embedding(sparse=True)`); train with
             `seqrank.optim.Adam`, which then runs dense Adam's update without a dense gradient
@@ -566,8 +567,8 @@ class ATRank(nn.Module):
         self, batch: Batch, groups: list[tuple[Batch, int]], order: Tensor
     ) -> Tensor:
         """`forward` on length groups: one lookup, one projection and one pass of every dense
-        layer and layer norm over the behaviours of all groups; only the attention runs per
-        group, at the group's own history length.
+        layer and layer norm over the real behaviours of all groups (not the groups' padding);
+        only the attention runs per group, at the group's own history length.
 
         Args:
             batch: the whole batch; groups: [(group batch, history length)]; order: (B,) rows
