@@ -169,41 +169,49 @@ def test_atrank_groups_compute_the_padded_function(attention_path, taobao_schema
     _same_outputs_and_gradients(model, batch)
 
 
-def test_atrank_groups_skip_holes_and_empty_batches(attention_path, taobao_schema, make_batch) -> None:
+def _small(cls, schema):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    if cls is BST:
+        return BST(schema, embed_dim=8, num_heads=2, max_len=10, mlp_dims=(32, 16), dropout=0.0, length_groups=4)
+    return ATRank(schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4)
+
+
+@pytest.mark.parametrize("cls", [BST, ATRank])
+def test_groups_skip_holes_and_empty_batches(attention_path, taobao_schema, make_batch, cls) -> None:
     """Positions masked inside a history (holes) and batches whose histories are all empty give
-    the padded path's outputs and gradients too (the groups' dense layers see real behaviours
+    the padded path's outputs and gradients too (the groups' dense layers see valid tokens
     only)."""
-
-    def model() -> ATRank:
-        torch.manual_seed(0)
-        return ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4).double()
-
     batch = make_batch(taobao_schema, B=48, L=12, seed=5, lengths=_skewed_lengths(48, 12, 3))
     draws = torch.rand(batch.hist_mask.shape, generator=torch.Generator().manual_seed(0))
     holes = batch.hist_mask & (draws < 0.3)
     holes[:, -1] = False  # keep each history's last event: spans stay as they were
     assert holes.any()
-    _same_outputs_and_gradients(model(), batch.replace(hist_mask=batch.hist_mask & ~holes))
+    with_holes = batch.replace(hist_mask=batch.hist_mask & ~holes)
+    _same_outputs_and_gradients(_small(cls, taobao_schema).double(), with_holes)
     empty = make_batch(taobao_schema, B=16, L=12, seed=6, lengths=torch.zeros(16, dtype=torch.long))
-    _same_outputs_and_gradients(model(), empty)
+    _same_outputs_and_gradients(_small(cls, taobao_schema).double(), empty)
 
 
-def test_atrank_groups_run_dense_layers_on_real_behaviours_only(taobao_schema, make_batch) -> None:
-    """The self-attention's Q/K/V dense of a grouped batch sees one row per real behaviour, not
-    one per group position (a group's histories are padded to its longest)."""
-    torch.manual_seed(0)
-    model = ATRank(taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4)
+@pytest.mark.parametrize("cls", [BST, ATRank])
+def test_groups_run_dense_layers_on_valid_tokens_only(taobao_schema, make_batch, cls) -> None:
+    """The feed-forward of a grouped batch sees one row per valid token (BST: each behaviour
+    and the target; ATRank: each behaviour), not one per group position (a group's sequences
+    are padded to its longest)."""
+    model = _small(cls, taobao_schema)
     model.group_cost = 0
     batch = make_batch(taobao_schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 2))
-    groups, _ = batch_groups(batch, model.max_len, model.length_groups, 0)
-    positions = sum(sub.hist_item.numel() for sub, _ in groups)
-    real = int(batch.hist_mask[:, -model.max_len :].sum())
-    assert real < positions
+    groups, _ = batch_groups(batch, model.max_len, model.length_groups, 0, extra=int(cls is BST))
+    positions = sum(sub.hist_item[:, -model.max_len :].numel() for sub, _ in groups)
+    valid = int(batch.hist_mask[:, -model.max_len :].sum())
+    if cls is BST:  # the target is a token of every sequence
+        positions, valid = positions + len(batch), valid + len(batch)
+    assert valid < positions
+    ffn = model.encoder.layers[0].ffn[0] if cls is BST else model.self_blocks[0].ffn.inner
     rows = []
-    hook = model.self_blocks[0].ffn.inner.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    hook = ffn.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
     model(batch)
     hook.remove()
-    assert rows == [real]
+    assert rows == [valid]
 
 
 @pytest.mark.parametrize("cls", [BST, ATRank])

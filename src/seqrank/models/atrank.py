@@ -23,7 +23,12 @@ from seqrank.models.layers.attention import (
     self_attention,
 )
 from seqrank.models.layers.dropout import dropout as apply_dropout
-from seqrank.models.layers.ragged import batch_groups, inverse_permutation
+from seqrank.models.layers.ragged import (
+    batch_groups,
+    inverse_permutation,
+    real_positions,
+    to_positions,
+)
 from seqrank.models.layers.time import log2_time_bucket
 from seqrank.optim import check_sparse_embeddings, embedding_table
 
@@ -243,7 +248,7 @@ class Attention(nn.Module):
                 the real behaviours (the masks' true positions, in that order).
             masks: per group, its (n, L) bool mask.
             real: (R,) int64, where the rows of x sit among the groups' T positions (see
-                `_to_positions`), or None when x holds all T positions.
+                `layers.ragged.real_positions`), or None when x holds all T positions.
 
         Returns:
             (T, D) outputs, as `forward(x_g, m, x_g, m)` gives them for each group ((R, D): the
@@ -251,7 +256,8 @@ class Attention(nn.Module):
         """
         D, H = x.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
-        qkv = _to_positions(_stacked(x, self.q, self.k, self.v), real, masks)  # (T, 3D)
+        T = sum(m.numel() for m in masks)
+        qkv = to_positions(_stacked(x, self.q, self.k, self.v), real, T)  # (T, 3D)
         out = [
             self_attention(qkv.view(*m.shape, 3, H, D // H), m, m, p, relu=True).reshape(-1, D)
             for qkv, m in zip(qkv.split([m.numel() for m in masks]), masks, strict=True)
@@ -279,31 +285,14 @@ class Attention(nn.Module):
         D, H = u.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
         q = self.q(u).view(-1, 1, H, D // H).split([m.shape[0] for m in masks])  # (n, 1, H, d)
-        kv = _to_positions(_stacked(keys, self.k, self.v), real, masks)  # (T, 2D)
+        T = sum(m.numel() for m in masks)
+        kv = to_positions(_stacked(keys, self.k, self.v), real, T)  # (T, 2D)
         kv = kv.split([m.numel() for m in masks])  # (n * L, 2D) per group
         out = [
             cross_attention(q_g, kv_g.view(*m.shape, 2, H, D // H), m, None, p, relu=True)
             for q_g, kv_g, m in zip(q, kv, masks, strict=True)
         ]  # (n, 1, D) per group
         return self.ln(torch.cat(out).view(-1, D) + u)  # (B, D)
-
-
-def _to_positions(rows: Tensor, real: Tensor | None, masks: Sequence[Tensor]) -> Tensor:
-    """The projections of the real behaviours laid out at the groups' T positions, zero at the
-    padding (which the attention masks: any finite value would do), for the per-group attention.
-
-    Args:
-        rows: (R, C) one row per real behaviour; real: (R,) their positions, or None (rows are
-            already (T, C)); masks: the groups' (n, L) masks, T = the sum of their sizes.
-
-    Returns:
-        (T, C).
-    """
-    if real is None:
-        return rows
-    T = sum(m.numel() for m in masks)
-    # index_copy, not a gather from a padded copy: its backward reads only the real rows
-    return rows.new_zeros(T, rows.shape[1]).index_copy(0, real, rows)  # (T, C)
 
 
 class FeedForward(nn.Module):
@@ -584,8 +573,7 @@ class ATRank(nn.Module):
         # each behaviour alone, so only the real ones go through them (ids, lookups,
         # projections, feed-forwards, layer norms), laid out at the groups' positions for the
         # attention alone; a batch without padding keeps them all (no gather)
-        valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
-        real = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # (R,)
+        real = real_positions(masks)  # (R,) or None
 
         def flat(k: int) -> Tensor | None:  # field k of every group as one (1, R or T) row
             if parts[0][k] is None:

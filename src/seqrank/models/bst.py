@@ -12,7 +12,12 @@ from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
 from seqrank.models.layers import MLP, TimeBucketEmbedding, TransformerEncoder
-from seqrank.models.layers.ragged import batch_groups, inverse_permutation, right_aligned_linear
+from seqrank.models.layers.ragged import (
+    batch_groups,
+    inverse_permutation,
+    real_positions,
+    right_aligned_linear,
+)
 from seqrank.optim import check_sparse_embeddings, embedding_table
 
 POOLINGS = ("concat", "target", "mean")
@@ -195,10 +200,15 @@ class BST(nn.Module):
             (B,) logits in batch order.
         """
         tokens = [self.sequence_tokens(sub) for sub, _ in groups]  # (n, L+1) each
-        flat = [torch.cat([t[k].reshape(-1) for t in tokens]) for k in range(4)]  # (T,) each
         masks = [t[4] for t in tokens]  # (n, L+1) each
+        # a group's sequences are padded to its longest; every encoder layer but the attention
+        # works on each token alone, so only the valid tokens go through them
+        real = real_positions(masks)  # (R,) or None
+        flat = [torch.cat([t[k].reshape(-1) for t in tokens]) for k in range(4)]  # (T,) each
+        if real is not None:
+            flat = [f[real] for f in flat]  # (R,) each
         # the encoder over the tokens of all groups at once (attention per group)
-        out = self.encoder.forward_groups(self.embed_tokens(*flat), masks)  # (T, D), 0 if padded
+        out = self.encoder.forward_groups(self.embed_tokens(*flat), masks, real)  # (T, D), 0 if padded
         zs = []
         parts = out.split([m.numel() for m in masks])  # (n * (L+1), D) each
         for x, mask, (sub, _) in zip(parts, masks, groups, strict=True):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from seqrank import kernels
 from seqrank.models.layers.dropout import dropout as apply_dropout
 from seqrank.models.layers.dropout import keep_threshold, random_bits16
+from seqrank.models.layers.ragged import to_positions
 
 # scores of one head per chunk of the CPU path: 2^20 floats = 4 MiB (fewer, larger chunks
 # measured faster than L2-sized ones: per-op overhead outweighs the cache misses)
@@ -490,32 +491,43 @@ class MultiHeadSelfAttention(nn.Module):
             y = y * has_key[:, None, None].to(y.dtype)  # (B, L, D)
         return (y, weights) if return_weights else y
 
-    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """`forward` of several groups of sequences (length groups), their tokens flat: the
         projections run once over every token, only the attention group by group.
 
         Args:
             x: (T, D) the tokens of every group, group after group, each group's (n, L)
-                positions row-major; T = the sum of the masks' sizes.
+                positions row-major; T = the sum of the masks' sizes. With `real`: (R, D), the
+                valid tokens only (the masks' true positions, in that order).
             masks: per group, its (n, L) bool mask (True where a key is valid).
+            real: (R,) int64 positions of x's rows among the T (`ragged.real_positions`), or
+                None when x holds all T positions.
 
         Returns:
-            (T, D) outputs, as `forward` gives them for each group.
+            (T, D) outputs, as `forward` gives them for each group; with `real`, (R, D): those
+            of the valid tokens.
         """
         D = self.d_model
         H = self.num_heads
         p = self.dropout if self.training else 0.0
-        parts = self.qkv(x).split([m.numel() for m in masks])  # (n * L, 3D) per group
+        qkv = to_positions(self.qkv(x), real, sum(m.numel() for m in masks))  # (T, 3D)
+        parts = qkv.split([m.numel() for m in masks])  # (n * L, 3D) per group
         y = torch.cat(
             [
                 self_attention(part.view(*m.shape, 3, H, D // H), m, dropout=p).reshape(-1, D)
                 for part, m in zip(parts, masks, strict=True)
             ]
         )  # (T, D)
-        y = self.out(y)  # (T, D)
+        if real is not None:
+            y = y.index_select(0, real)  # (R, D)
+        y = self.out(y)  # (T or R, D)
         has_key = [m.any(dim=1, keepdim=True).expand(m.shape) for m in masks]  # (n, L) each
         if x.device.type != "cpu" or not all(bool(h.all()) for h in has_key):
-            y = y * torch.cat([h.reshape(-1) for h in has_key])[:, None].to(y.dtype)  # (T, D)
+            keep = torch.cat([h.reshape(-1) for h in has_key])  # (T,)
+            keep = keep if real is None else keep[real]  # (T or R,)
+            y = y * keep[:, None].to(y.dtype)  # (T or R, D)
         return y
 
     def extra_repr(self) -> str:

@@ -140,6 +140,38 @@ def batch_groups(
     return groups, torch.cat(order)
 
 
+def real_positions(masks: list[Tensor]) -> Tensor | None:
+    """Where the real (unmasked) positions of length groups sit among their T positions.
+
+    Args:
+        masks: per group, its (n, L) bool mask; T = the sum of their sizes.
+
+    Returns:
+        (R,) int64 positions in order (group after group, row-major), or None when every
+        position is real (nothing to leave out).
+    """
+    valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
+    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
+
+
+def to_positions(rows: Tensor, real: Tensor | None, total: int) -> Tensor:
+    """Rows computed for the real positions only, laid out at all `total` positions of the
+    length groups, zero at the padding (for the per-group attention, which masks the padding,
+    and for outputs that must be zero there).
+
+    Args:
+        rows: (R, C) one row per real position; real: (R,) their positions
+            (`real_positions`), or None (rows are already (total, C)).
+
+    Returns:
+        (total, C).
+    """
+    if real is None:
+        return rows
+    # index_copy, not a gather from a padded copy: its backward reads only the real rows
+    return rows.new_zeros(total, rows.shape[1]).index_copy(0, real, rows)  # (total, C)
+
+
 def inverse_permutation(order: Tensor) -> Tensor:
     """(B,) int64 `inv` with inv[order[i]] = i."""
     inv = torch.empty_like(order)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from seqrank.models.layers.attention import MultiHeadSelfAttention
 from seqrank.models.layers.dropout import Dropout
 from seqrank.models.layers.mlp import make_activation
+from seqrank.models.layers.ragged import to_positions
 
 
 class TransformerBlock(nn.Module):
@@ -62,10 +63,13 @@ class TransformerBlock(nn.Module):
         x = self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
         return (x, weights) if return_weights else x
 
-    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """`forward` of length groups, tokens flat (`MultiHeadSelfAttention.forward_groups`):
-        everything but the attention runs once over all (T, D) tokens."""
-        x = self.norm1(x + self.drop(self.attn.forward_groups(x, masks)))  # eq. 5
+        everything but the attention runs once over all (T, D) tokens, or with `real` over the
+        (R, D) valid ones only."""
+        x = self.norm1(x + self.drop(self.attn.forward_groups(x, masks, real)))  # eq. 5
         return self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
 
 
@@ -123,18 +127,25 @@ class TransformerEncoder(nn.Module):
             x = x * mask[..., None].to(x.dtype)  # (B, L, D)
         return (x, weights) if return_weights else x
 
-    def forward_groups(self, x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    def forward_groups(
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+    ) -> Tensor:
         """`forward` of several groups of sequences (length groups) at once.
 
         Args:
             x: (T, D) the tokens of every group, group after group, each group's (n, L)
-                positions row-major; T = the sum of the masks' sizes.
+                positions row-major; T = the sum of the masks' sizes. With `real`: (R, D), the
+                valid tokens only (every layer but the attention then runs on R rows).
             masks: per group, its (n, L) bool mask of valid positions.
+            real: (R,) int64 positions of x's rows among the T (`ragged.real_positions`), or
+                None when x holds all T positions.
 
         Returns:
             (T, D) outputs, zero where padded: `forward` of each group, flattened.
         """
         for layer in self.layers:
-            x = layer.forward_groups(x, masks)
+            x = layer.forward_groups(x, masks, real)
+        if real is not None:
+            return to_positions(x, real, sum(m.numel() for m in masks))  # (T, D)
         valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
         return x * valid[:, None].to(x.dtype)  # (T, D)
