@@ -8,11 +8,16 @@
 // v may be slices of one packed projection); gradients are written through views of the same
 // layout, so packed projections get packed gradients without a copy.
 //
-// Shapes: q (B, Lq, H, d); k, v (B, Lk, H, d); attend (B, Lk) bool, at least one true key per
-// sample; rows (B, Lq) bool or empty (false rows get zero weights and a zero output); bits
+// Two layouts. Padded (`forward`, `backward`): q (B, Lq, H, d); k, v (B, Lk, H, d); attend (B, Lk)
+// bool, at least one true key per sample; rows (B, Lq) bool or empty (false rows get zero weights and a zero output); bits
 // (B, H, Lq, Lk) int16 dropout draws or empty (keep where bits >= threshold, kept weights scaled
 // by keep_scale); P (B, H, Lq, Lk) the softmax weights, saved by forward for backward. With
 // `relu`, q, k and v are the pre-activations: ReLU on load, its gradient on store.
+// Ragged (`forward_ragged`, `backward_ragged`): the samples' rows one after another, no padding:
+// q (Rq, H, d), k, v (Rk, H, d); q_offsets, k_offsets (B + 1) int64, sample b's queries are rows
+// q_offsets[b]..q_offsets[b+1] and its keys k_offsets[b]..k_offsets[b+1], every key attended (a
+// sample without keys gets zero outputs); P and bits are flat, sample b's (H, Lq_b, Lk_b) block
+// after sample b-1's; out (Rq, H, d).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -55,23 +60,87 @@ inline float exp_neg(float x) {
 
 inline double exp_neg(double x) { return std::exp(x); }
 
-struct Strided {  // a (B, L, H, d) view with a contiguous last axis
-  int64_t b, l, h;
+struct Strided {  // a (B, L, H, d) or ragged (R, H, d) view with a contiguous last axis
+  int64_t b, l, h;  // ragged: b unused (0)
 };
 
-inline Strided strides_of(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "fused attention: ", name, " must be (B, L, H, d), got ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fused attention: ", name,
+inline Strided strides_of(const at::Tensor& t, const char* name, bool ragged = false) {
+  const int64_t dims = ragged ? 3 : 4;
+  TORCH_CHECK(t.dim() == dims, "fused attention: ", name, " must be ",
+              ragged ? "(R, H, d)" : "(B, L, H, d)", ", got ", t.sizes());
+  TORCH_CHECK(t.stride(dims - 1) == 1 || t.size(dims - 1) == 1, "fused attention: ", name,
               " needs a contiguous last axis, got strides ", t.strides());
-  return {t.stride(0), t.stride(1), t.stride(2)};
+  return ragged ? Strided{0, t.stride(0), t.stride(1)} : Strided{t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// head h of sample b of a strided view into a dense (L, d) buffer (ReLU'd with `relu`)
+// where each sample's queries, keys, rows of P and outputs are, in either layout
+struct Layout {
+  int64_t B = 0, H = 0, d = 0;
+  int64_t Lq = 0, Lk = 0;              // padded: every sample's; ragged: the longest
+  const int64_t* qoff = nullptr;       // ragged: (B + 1) query row offsets, else null
+  const int64_t* koff = nullptr;       // ragged: (B + 1) key row offsets
+  std::vector<int64_t> poff;           // ragged: (B + 1) offsets of the samples' P blocks
+  const bool* attend = nullptr;        // padded: (B, Lk) or null (every key)
+  const bool* rows = nullptr;          // padded: (B, Lq) or null (every row)
+
+  int64_t lq(int64_t b) const { return qoff ? qoff[b + 1] - qoff[b] : Lq; }
+  int64_t lk(int64_t b) const { return koff ? koff[b + 1] - koff[b] : Lk; }
+  // element offset of sample b's first query (key) row in a view with strides s
+  int64_t qat(int64_t b, Strided s) const { return qoff ? qoff[b] * s.l : b * s.b; }
+  int64_t kat(int64_t b, Strided s) const { return koff ? koff[b] * s.l : b * s.b; }
+  int64_t out_row(int64_t b) const { return qoff ? qoff[b] : b * Lq; }  // in (rows, H, d)
+  // offset of row i of head h of sample b in P (and in the dropout draws)
+  int64_t prow(int64_t b, int64_t h, int64_t i) const {
+    return qoff ? poff[b] + (h * lq(b) + i) * lk(b) : ((b * H + h) * Lq + i) * Lk;
+  }
+  bool attends(int64_t b, int64_t j) const { return !attend || attend[b * Lk + j]; }
+  bool row(int64_t b, int64_t i) const { return !rows || rows[b * Lq + i]; }
+  // (sample, head) pairs per parallel task: ~4096 scores each
+  int64_t grain() const {
+    const int64_t per = qoff ? std::max<int64_t>(1, poff[B] / std::max<int64_t>(1, B * H)) : Lq * Lk;
+    return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, per));
+  }
+};
+
+Layout padded_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& attend,
+                     const at::Tensor& rows) {
+  Layout a;
+  a.B = q.size(0), a.Lq = q.size(1), a.H = q.size(2), a.d = q.size(3), a.Lk = k.size(1);
+  a.attend = attend.defined() && attend.numel() ? attend.data_ptr<bool>() : nullptr;
+  a.rows = rows.defined() && rows.numel() ? rows.data_ptr<bool>() : nullptr;
+  return a;
+}
+
+Layout ragged_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_offsets,
+                     const at::Tensor& k_offsets) {
+  TORCH_CHECK(q_offsets.scalar_type() == at::kLong && k_offsets.scalar_type() == at::kLong &&
+                  q_offsets.is_contiguous() && k_offsets.is_contiguous() && q_offsets.dim() == 1 &&
+                  q_offsets.sizes() == k_offsets.sizes() && q_offsets.numel() >= 1,
+              "fused attention: q_offsets and k_offsets must be contiguous (B + 1) int64 tensors");
+  Layout a;
+  a.B = q_offsets.numel() - 1, a.H = q.size(1), a.d = q.size(2);
+  a.qoff = q_offsets.data_ptr<int64_t>();
+  a.koff = k_offsets.data_ptr<int64_t>();
+  TORCH_CHECK(a.qoff[0] == 0 && a.koff[0] == 0 && a.qoff[a.B] == q.size(0) &&
+                  a.koff[a.B] == k.size(0),
+              "fused attention: offsets must run from 0 to the rows of q (", q.size(0),
+              ") and of k (", k.size(0), ")");
+  a.poff.assign(a.B + 1, 0);
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t lq = a.qoff[b + 1] - a.qoff[b], lk = a.koff[b + 1] - a.koff[b];
+    TORCH_CHECK(lq >= 0 && lk >= 0, "fused attention: offsets must not decrease (sample ", b, ")");
+    a.Lq = std::max(a.Lq, lq), a.Lk = std::max(a.Lk, lk);
+    a.poff[b + 1] = a.poff[b] + a.H * lq * lk;
+  }
+  return a;
+}
+
+// head h of one sample (`base`: its first row) of a strided view into a dense (L, d) buffer
+// (ReLU'd with `relu`)
 template <typename T>
-inline void load(const T* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t d, bool relu,
-                 T* out) {
+inline void load(const T* base, Strided s, int64_t h, int64_t L, int64_t d, bool relu, T* out) {
   for (int64_t l = 0; l < L; ++l) {
-    const T* src = base + b * s.b + l * s.l + h * s.h;
+    const T* src = base + l * s.l + h * s.h;
     T* dst = out + l * d;
     if (relu) {
       for (int64_t c = 0; c < d; ++c) dst[c] = std::max(src[c], T(0));
@@ -83,10 +152,9 @@ inline void load(const T* base, Strided s, int64_t b, int64_t h, int64_t L, int6
 
 // the same head as a dense (d, L) buffer (transposed: loops over keys run along rows)
 template <typename T>
-inline void load_t(const T* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t d, bool relu,
-                   T* out) {
+inline void load_t(const T* base, Strided s, int64_t h, int64_t L, int64_t d, bool relu, T* out) {
   for (int64_t l = 0; l < L; ++l) {
-    const T* src = base + b * s.b + l * s.l + h * s.h;
+    const T* src = base + l * s.l + h * s.h;
     for (int64_t c = 0; c < d; ++c) {
       const T x = src[c];
       out[c * L + l] = relu ? std::max(x, T(0)) : x;  // branch-free: the signs are random
@@ -94,15 +162,16 @@ inline void load_t(const T* base, Strided s, int64_t b, int64_t h, int64_t L, in
   }
 }
 
-// a dense (L, d) gradient into a strided view; with `relu`, zero where the pre-activation <= 0
+// a dense (L, d) gradient into a strided view (`base`, `pre`: the sample's first rows); with
+// `relu`, zero where the pre-activation <= 0
 template <typename T>
-inline void store(const T* grad, const T* pre, Strided sp, T* base, Strided s, int64_t b,
-                  int64_t h, int64_t L, int64_t d, bool relu) {
+inline void store(const T* grad, const T* pre, Strided sp, T* base, Strided s, int64_t h,
+                  int64_t L, int64_t d, bool relu) {
   for (int64_t l = 0; l < L; ++l) {
     const T* src = grad + l * d;
-    T* dst = base + b * s.b + l * s.l + h * s.h;
+    T* dst = base + l * s.l + h * s.h;
     if (relu) {
-      const T* x = pre + b * sp.b + l * sp.l + h * sp.h;
+      const T* x = pre + l * sp.l + h * sp.h;
       for (int64_t c = 0; c < d; ++c) dst[c] = x[c] > T(0) ? src[c] : T(0);
     } else {
       for (int64_t c = 0; c < d; ++c) dst[c] = src[c];
@@ -111,52 +180,48 @@ inline void store(const T* grad, const T* pre, Strided sp, T* base, Strided s, i
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& attend, const at::Tensor& rows, const at::Tensor& bits,
-                  int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& out,
-                  at::Tensor& P) {
-  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
-  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+void forward_impl(const Layout& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  Strided sq, Strided sk, Strided sv, const at::Tensor& bits, int64_t threshold,
+                  double keep_scale, double scale, bool relu, at::Tensor& out, at::Tensor& P) {
+  const int64_t H = a.H, d = a.d;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  const bool* ap = attend.data_ptr<bool>();
-  const bool* rp = rows.numel() ? rows.data_ptr<bool>() : nullptr;
   const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
-  T* op = out.data_ptr<T>();  // (B, Lq, H, d) contiguous
-  T* pp = P.data_ptr<T>();    // (B, H, Lq, Lk) contiguous
+  T* op = out.data_ptr<T>();  // (rows, H, d) contiguous
+  T* pp = P.data_ptr<T>();
   const T sc = static_cast<T>(scale), ks = static_cast<T>(keep_scale);
   const int16_t thr = static_cast<int16_t>(threshold);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
 
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(Lq * d + 2 * Lk * d + 2 * Lk + d);
+  at::parallel_for(0, a.B * H, a.grain(), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk;
+    std::vector<T> buf(MQ * d + 2 * MK * d + 2 * MK + d);
     T* qb = buf.data();          // (Lq, d)
-    T* kt = qb + Lq * d;         // (d, Lk)
-    T* vb = kt + d * Lk;         // (Lk, d)
-    T* w = vb + Lk * d;          // (Lk,) dropped weights of one row
-    T* mask = w + Lk;            // (Lk,) 0 at attended keys, -inf elsewhere
-    T* acc = mask + Lk;          // (d,)
+    T* kt = qb + MQ * d;         // (d, Lk)
+    T* vb = kt + d * MK;         // (Lk, d)
+    T* w = vb + MK * d;          // (Lk,) dropped weights of one row
+    T* mask = w + MK;            // (Lk,) 0 at attended keys, -inf elsewhere
+    T* acc = mask + MK;          // (d,)
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / H, h = n % H;
-      load(qp, sq, b, h, Lq, d, relu, qb);
-      load_t(kp, sk, b, h, Lk, d, relu, kt);
-      load(vp, sv, b, h, Lk, d, relu, vb);
+      const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      load(qp + a.qat(b, sq), sq, h, Lq, d, relu, qb);
+      load_t(kp + a.kat(b, sk), sk, h, Lk, d, relu, kt);
+      load(vp + a.kat(b, sv), sv, h, Lk, d, relu, vb);
       for (int64_t j = 0; j < Lk; ++j)
-        mask[j] = ap[b * Lk + j] ? T(0) : -std::numeric_limits<T>::infinity();
+        mask[j] = a.attends(b, j) ? T(0) : -std::numeric_limits<T>::infinity();
       for (int64_t i = 0; i < Lq; ++i) {
-        T* s = pp + (n * Lq + i) * Lk;  // this row of P: the scores first
-        T* o = op + ((b * Lq + i) * H + h) * d;
-        if (rp && !rp[b * Lq + i]) {
+        T* s = pp + a.prow(b, h, i);  // this row of P: the scores first
+        T* o = op + ((a.out_row(b) + i) * H + h) * d;
+        if (!a.row(b, i) || Lk == 0) {
           std::fill(s, s + Lk, T(0));
           std::fill(o, o + d, T(0));
           continue;
         }
         for (int64_t j = 0; j < Lk; ++j) s[j] = mask[j];
         for (int64_t c = 0; c < d; ++c) {
-          const T a = qb[i * d + c] * sc;
+          const T x = qb[i * d + c] * sc;
           const T* kr = kt + c * Lk;
-          for (int64_t j = 0; j < Lk; ++j) s[j] += a * kr[j];
+          for (int64_t j = 0; j < Lk; ++j) s[j] += x * kr[j];
         }
         T mx = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j < Lk; ++j) mx = s[j] > mx ? s[j] : mx;
@@ -174,7 +239,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T inv = T(1) / sum;
         for (int64_t j = 0; j < Lk; ++j) s[j] = mask[j] == T(0) ? s[j] * inv : T(0);
         if (bp) {
-          const int16_t* br = bp + (n * Lq + i) * Lk;
+          const int16_t* br = bp + a.prow(b, h, i);
           for (int64_t j = 0; j < Lk; ++j) w[j] = br[j] >= thr ? s[j] * ks : T(0);
         } else {
           for (int64_t j = 0; j < Lk; ++j) w[j] = s[j];
@@ -192,14 +257,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits,
-                   int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
-  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
-  const Strided sg = strides_of(grad, "grad");
-  const Strided sdq = strides_of(dq, "dq"), sdk = strides_of(dk, "dk"), sdv = strides_of(dv, "dv");
+void backward_impl(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, Strided sg, Strided sq, Strided sk,
+                   Strided sv, const at::Tensor& P, const at::Tensor& bits, int64_t threshold,
+                   double keep_scale, double scale, bool relu, at::Tensor& dq, Strided sdq,
+                   at::Tensor& dk, Strided sdk, at::Tensor& dv, Strided sdv) {
+  const int64_t H = a.H, d = a.d;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -211,27 +274,29 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
   T* dvp = dv.data_ptr<T>();
   const T sc = static_cast<T>(scale), ks = static_cast<T>(keep_scale);
   const int16_t thr = static_cast<int16_t>(threshold);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
 
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * Lq * d + 2 * Lk * d + d * Lk + 2 * Lk * d + 2 * Lk);
+  at::parallel_for(0, a.B * H, a.grain(), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk;
+    std::vector<T> buf(2 * MQ * d + 2 * MK * d + d * MK + 2 * MK * d + 2 * MK);
     T* qb = buf.data();       // (Lq, d)
-    T* dqb = qb + Lq * d;     // (Lq, d)
-    T* kb = dqb + Lq * d;     // (Lk, d)
-    T* vt = kb + Lk * d;      // (d, Lk)
-    T* dkb = vt + d * Lk;     // (Lk, d)
-    T* dvb = dkb + Lk * d;    // (Lk, d)
-    T* dw = dvb + Lk * d;     // (Lk,) gradient of one row of the weights
-    T* w = dw + Lk;           // (Lk,) dropped weights of the row
+    T* dqb = qb + MQ * d;     // (Lq, d)
+    T* kb = dqb + MQ * d;     // (Lk, d)
+    T* vt = kb + MK * d;      // (d, Lk)
+    T* dkb = vt + d * MK;     // (Lk, d)
+    T* dvb = dkb + MK * d;    // (Lk, d), right after dkb
+    T* dw = dvb + MK * d;     // (Lk,) gradient of one row of the weights
+    T* w = dw + MK;           // (Lk,) dropped weights of the row
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / H, h = n % H;
-      load(qp, sq, b, h, Lq, d, relu, qb);
-      load(kp, sk, b, h, Lk, d, relu, kb);
-      load_t(vp, sv, b, h, Lk, d, relu, vt);
-      std::fill(dkb, dkb + 2 * Lk * d, T(0));  // dk and dv
+      const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      load(qp + a.qat(b, sq), sq, h, Lq, d, relu, qb);
+      load(kp + a.kat(b, sk), sk, h, Lk, d, relu, kb);
+      load_t(vp + a.kat(b, sv), sv, h, Lk, d, relu, vt);
+      std::fill(dkb, dkb + Lk * d, T(0));
+      std::fill(dvb, dvb + Lk * d, T(0));
+      const T* gs = gp + a.qat(b, sg);
       for (int64_t i = 0; i < Lq; ++i) {
-        const T* p = pp + (n * Lq + i) * Lk;
-        const T* g = gp + b * sg.b + i * sg.l + h * sg.h;
+        const T* p = pp + a.prow(b, h, i);
+        const T* g = gs + i * sg.l + h * sg.h;
         T* dqr = dqb + i * d;
         // dw = g v^T (times the dropout's mask and scale)
         for (int64_t j = 0; j < Lk; ++j) dw[j] = 0;
@@ -241,7 +306,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
           for (int64_t j = 0; j < Lk; ++j) dw[j] += gc * vr[j];
         }
         if (bp) {
-          const int16_t* br = bp + (n * Lq + i) * Lk;
+          const int16_t* br = bp + a.prow(b, h, i);
           for (int64_t j = 0; j < Lk; ++j) {
             const T keep = br[j] >= thr ? ks : T(0);
             dw[j] *= keep;
@@ -273,9 +338,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
           }
         }
       }
-      store(dqb, qp, sq, dqp, sdq, b, h, Lq, d, relu);
-      store(dkb, kp, sk, dkp, sdk, b, h, Lk, d, relu);
-      store(dvb, vp, sv, dvp, sdv, b, h, Lk, d, relu);
+      store(dqb, qp + a.qat(b, sq), sq, dqp + a.qat(b, sdq), sdq, h, Lq, d, relu);
+      store(dkb, kp + a.kat(b, sk), sk, dkp + a.kat(b, sdk), sdk, h, Lk, d, relu);
+      store(dvb, vp + a.kat(b, sv), sv, dvp + a.kat(b, sdv), sdv, h, Lk, d, relu);
     }
   });
 }
@@ -337,12 +402,12 @@ inline v8 keep_factor(const int16_t* br, int64_t u, int64_t Lk, int16_t thr, flo
   return reinterpret_cast<v8>(keep & reinterpret_cast<v8i>(splat(ks)));
 }
 
-// head h of sample b, (L, d) rows of d/8 vectors, ReLU'd with `relu`
-inline void vload(const float* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t nd,
-                  bool relu, v8* out) {
+// head h of one sample (`base`: its first row), (L, d) rows of d/8 vectors, ReLU'd with `relu`
+inline void vload(const float* base, Strided s, int64_t h, int64_t L, int64_t nd, bool relu,
+                  v8* out) {
   const v8 zero = splat(0.0f);
   for (int64_t l = 0; l < L; ++l) {
-    const float* src = base + b * s.b + l * s.l + h * s.h;
+    const float* src = base + l * s.l + h * s.h;
     for (int64_t c = 0; c < nd; ++c) {
       v8 x = ld(src + 8 * c);
       out[l * nd + c] = relu ? (x > zero ? x : zero) : x;
@@ -351,12 +416,12 @@ inline void vload(const float* base, Strided s, int64_t b, int64_t h, int64_t L,
 }
 
 // the same head transposed, (d, Lp): row c holds feature c of every key, zero-padded
-inline void vload_t(const float* base, Strided s, int64_t b, int64_t h, int64_t L, int64_t Lp,
-                    int64_t d, bool relu, float* out) {
+inline void vload_t(const float* base, Strided s, int64_t h, int64_t L, int64_t Lp, int64_t d,
+                    bool relu, float* out) {
   const v8 zero = splat(0.0f);
   for (int64_t c = 0; c < d; ++c) std::fill(out + c * Lp + L, out + (c + 1) * Lp, 0.0f);
   for (int64_t l = 0; l < L; ++l) {  // branch-free: the signs of x are random
-    const float* src = base + b * s.b + l * s.l + h * s.h;
+    const float* src = base + l * s.l + h * s.h;
     for (int64_t c = 0; c < d; c += 8) {
       v8 x = ld(src + c);
       if (relu) x = x > zero ? x : zero;
@@ -366,11 +431,11 @@ inline void vload_t(const float* base, Strided s, int64_t b, int64_t h, int64_t 
 }
 
 inline void vstore(const v8* grad, const float* pre, Strided sp, float* base, Strided s,
-                   int64_t b, int64_t h, int64_t L, int64_t nd, bool relu) {
+                   int64_t h, int64_t L, int64_t nd, bool relu) {
   const v8 zero = splat(0.0f);
   for (int64_t l = 0; l < L; ++l) {
-    float* dst = base + b * s.b + l * s.l + h * s.h;
-    const float* x = pre + b * sp.b + l * sp.l + h * sp.h;
+    float* dst = base + l * s.l + h * s.h;
+    const float* x = pre + l * sp.l + h * sp.h;
     for (int64_t c = 0; c < nd; ++c) {
       v8 g = grad[l * nd + c];
       st(dst + 8 * c, relu ? (ld(x + 8 * c) > zero ? g : zero) : g);
@@ -379,55 +444,52 @@ inline void vstore(const v8* grad, const float* pre, Strided sp, float* base, St
 }
 
 // ND = d / 8 vectors per row, a constant: the accumulators of a row stay in registers (through
-// pointers into the buffers, each += would be a store and a load on the chain of additions)
+// pointers into the buffers, each += would be a store and a load on the chain of additions).
+// Buffers are sized for the longest sample; each sample pads its own keys to Lp, a multiple of 8.
 template <int ND>
-void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& attend, const at::Tensor& rows, const at::Tensor& bits,
-                  int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& out,
-                  at::Tensor& P) {
-  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = 8 * ND, Lk = k.size(1);
-  const int64_t nd = ND, Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
-  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
+void forward_fast(const Layout& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  Strided sq, Strided sk, Strided sv, const at::Tensor& bits, int64_t threshold,
+                  double keep_scale, double scale, bool relu, at::Tensor& out, at::Tensor& P) {
+  const int64_t H = a.H, d = 8 * ND, nd = ND;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const bool* ap = attend.data_ptr<bool>();
-  const bool* rp = rows.numel() ? rows.data_ptr<bool>() : nullptr;
   const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
   float* op = out.data_ptr<float>();
   float* pp = P.data_ptr<float>();
   const float sc = static_cast<float>(scale), ks = static_cast<float>(keep_scale);
   const int16_t thr = static_cast<int16_t>(threshold);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
 
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<v8> buf(Lq * nd + d * nk + Lk * nd + 4 * nk);
+  at::parallel_for(0, a.B * H, a.grain(), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk, mk = (MK + 7) / 8;
+    std::vector<v8> buf(MQ * nd + d * mk + MK * nd + 4 * mk);
     v8* qb = buf.data();                                // (Lq, d)
-    float* kt = reinterpret_cast<float*>(qb + Lq * nd);  // (d, Lp)
-    v8* vb = qb + Lq * nd + d * nk;                     // (Lk, d)
-    v8* add = vb + Lk * nd;                             // (Lp,) 0 at attended keys, else -1e30
-    v8* keep = add + nk;                                // (Lp,) 1 at attended keys, else 0
-    v8* s = keep + nk;                                  // (Lp,) one row of scores / weights
-    float* w = reinterpret_cast<float*>(s + nk);        // (Lp,) the row's dropped weights
+    float* kt = reinterpret_cast<float*>(qb + MQ * nd);  // (d, Lp)
+    v8* vb = qb + MQ * nd + d * mk;                     // (Lk, d)
+    v8* add = vb + MK * nd;                             // (Lp,) 0 at attended keys, else -1e30
+    v8* keep = add + mk;                                // (Lp,) 1 at attended keys, else 0
+    v8* s = keep + mk;                                  // (Lp,) one row of scores / weights
+    float* w = reinterpret_cast<float*>(s + mk);        // (Lp,) the row's dropped weights
     float* addf = reinterpret_cast<float*>(add);
     float* keepf = reinterpret_cast<float*>(keep);
     float* sf = reinterpret_cast<float*>(s);
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / H, h = n % H;
-      vload(qp, sq, b, h, Lq, nd, relu, qb);
-      vload_t(kp, sk, b, h, Lk, Lp, d, relu, kt);
-      vload(vp, sv, b, h, Lk, nd, relu, vb);
+      const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
+      vload(qp + a.qat(b, sq), sq, h, Lq, nd, relu, qb);
+      vload_t(kp + a.kat(b, sk), sk, h, Lk, Lp, d, relu, kt);
+      vload(vp + a.kat(b, sv), sv, h, Lk, nd, relu, vb);
       bool any = false;
       for (int64_t j = 0; j < Lp; ++j) {
-        const bool a = j < Lk && ap[b * Lk + j];
-        any |= a;
-        addf[j] = a ? 0.0f : -1e30f;
-        keepf[j] = a ? 1.0f : 0.0f;
+        const bool att = j < Lk && a.attends(b, j);
+        any |= att;
+        addf[j] = att ? 0.0f : -1e30f;
+        keepf[j] = att ? 1.0f : 0.0f;
       }
       for (int64_t i = 0; i < Lq; ++i) {
-        float* prow = pp + (n * Lq + i) * Lk;
-        float* o = op + ((b * Lq + i) * H + h) * d;
-        if (!any || (rp && !rp[b * Lq + i])) {  // a zero row
+        float* prow = pp + a.prow(b, h, i);
+        float* o = op + ((a.out_row(b) + i) * H + h) * d;
+        if (!any || !a.row(b, i)) {  // a zero row
           std::fill(prow, prow + Lk, 0.0f);
           std::fill(o, o + d, 0.0f);
           continue;
@@ -457,7 +519,7 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         std::memcpy(prow, sf, Lk * sizeof(float));
         const float* wr = sf;
         if (bp) {
-          const int16_t* br = bp + (n * Lq + i) * Lk;
+          const int16_t* br = bp + a.prow(b, h, i);
           v8* wv = reinterpret_cast<v8*>(w);
           for (int64_t u = 0; u < nk; ++u) wv[u] = s[u] * keep_factor(br, u, Lk, thr, ks);
           wr = w;
@@ -483,15 +545,12 @@ void forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <int ND>
-void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits,
-                   int64_t threshold, double keep_scale, double scale, bool relu, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = 8 * ND, Lk = k.size(1);
-  const int64_t nd = ND, Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
-  const Strided sq = strides_of(q, "q"), sk = strides_of(k, "k"), sv = strides_of(v, "v");
-  const Strided sg = strides_of(grad, "grad");
-  const Strided sdq = strides_of(dq, "dq"), sdk = strides_of(dk, "dk"), sdv = strides_of(dv, "dv");
+void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, Strided sg, Strided sq, Strided sk,
+                   Strided sv, const at::Tensor& P, const at::Tensor& bits, int64_t threshold,
+                   double keep_scale, double scale, bool relu, at::Tensor& dq, Strided sdq,
+                   at::Tensor& dk, Strided sdk, at::Tensor& dv, Strided sdv) {
+  const int64_t H = a.H, d = 8 * ND, nd = ND;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -503,31 +562,34 @@ void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
   float* dvp = dv.data_ptr<float>();
   const float sc = static_cast<float>(scale), ks = static_cast<float>(keep_scale);
   const int16_t thr = static_cast<int16_t>(threshold);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Lq * Lk));
 
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<v8> buf(2 * Lq * nd + 3 * Lk * nd + d * nk + 3 * nk);
+  at::parallel_for(0, a.B * H, a.grain(), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk, mk = (MK + 7) / 8;
+    std::vector<v8> buf(2 * MQ * nd + 3 * MK * nd + d * mk + 3 * mk);
     v8* qb = buf.data();                                // (Lq, d)
-    v8* dqb = qb + Lq * nd;                             // (Lq, d)
-    v8* kb = dqb + Lq * nd;                             // (Lk, d)
-    v8* dkb = kb + Lk * nd;                             // (Lk, d)
-    v8* dvb = dkb + Lk * nd;                            // (Lk, d)
-    float* vt = reinterpret_cast<float*>(dvb + Lk * nd);  // (d, Lp)
-    v8* dw = dvb + Lk * nd + d * nk;                    // (Lp,) gradient of a row of weights
-    v8* p = dw + nk;                                    // (Lp,) the row's weights, zero-padded
-    float* w = reinterpret_cast<float*>(p + nk);        // (Lp,) the row's dropped weights
+    v8* dqb = qb + MQ * nd;                             // (Lq, d)
+    v8* kb = dqb + MQ * nd;                             // (Lk, d)
+    v8* dkb = kb + MK * nd;                             // (Lk, d)
+    v8* dvb = dkb + MK * nd;                            // (Lk, d)
+    float* vt = reinterpret_cast<float*>(dvb + MK * nd);  // (d, Lp)
+    v8* dw = dvb + MK * nd + d * mk;                    // (Lp,) gradient of a row of weights
+    v8* p = dw + mk;                                    // (Lp,) the row's weights, zero-padded
+    float* w = reinterpret_cast<float*>(p + mk);        // (Lp,) the row's dropped weights
     float* dwf = reinterpret_cast<float*>(dw);
     float* pf = reinterpret_cast<float*>(p);
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / H, h = n % H;
-      vload(qp, sq, b, h, Lq, nd, relu, qb);
-      vload(kp, sk, b, h, Lk, nd, relu, kb);
-      vload_t(vp, sv, b, h, Lk, Lp, d, relu, vt);
-      std::fill(dkb, dkb + 2 * Lk * nd, splat(0.0f));  // dk and dv
+      const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
+      vload(qp + a.qat(b, sq), sq, h, Lq, nd, relu, qb);
+      vload(kp + a.kat(b, sk), sk, h, Lk, nd, relu, kb);
+      vload_t(vp + a.kat(b, sv), sv, h, Lk, Lp, d, relu, vt);
+      std::fill(dkb, dkb + Lk * nd, splat(0.0f));
+      std::fill(dvb, dvb + Lk * nd, splat(0.0f));
       for (int64_t u = 0; u < nk; ++u) p[u] = splat(0.0f);
+      const float* gs0 = gp + a.qat(b, sg);
       for (int64_t i = 0; i < Lq; ++i) {
-        std::memcpy(pf, pp + (n * Lq + i) * Lk, Lk * sizeof(float));
-        const float* g = gp + b * sg.b + i * sg.l + h * sg.h;
+        std::memcpy(pf, pp + a.prow(b, h, i), Lk * sizeof(float));
+        const float* g = gs0 + i * sg.l + h * sg.h;
         v8 gv[ND], gs[8 * ND];
         for (int c = 0; c < ND; ++c) gv[c] = ld(g + 8 * c);
         for (int c = 0; c < 8 * ND; ++c) gs[c] = splat(g[c]);
@@ -543,7 +605,7 @@ void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
         }
         const float* wr = pf;
         if (bp) {
-          const int16_t* br = bp + (n * Lq + i) * Lk;
+          const int16_t* br = bp + a.prow(b, h, i);
           v8* wv = reinterpret_cast<v8*>(w);
           for (int64_t u = 0; u < nk; ++u) {
             const v8 kf = keep_factor(br, u, Lk, thr, ks);
@@ -588,15 +650,14 @@ void backward_fast(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
         }
         for (int c = 0; c < ND; ++c) dqb[i * ND + c] = a0[c] + a1[c];
       }
-      vstore(dqb, qp, sq, dqp, sdq, b, h, Lq, nd, relu);
-      vstore(dkb, kp, sk, dkp, sdk, b, h, Lk, nd, relu);
-      vstore(dvb, vp, sv, dvp, sdv, b, h, Lk, nd, relu);
+      vstore(dqb, qp + a.qat(b, sq), sq, dqp + a.qat(b, sdq), sdq, h, Lq, nd, relu);
+      vstore(dkb, kp + a.kat(b, sk), sk, dkp + a.kat(b, sdk), sdk, h, Lk, nd, relu);
+      vstore(dvb, vp + a.kat(b, sv), sv, dvp + a.kat(b, sdv), sdv, h, Lk, nd, relu);
     }
   });
 }
 
-inline bool fast(const at::Tensor& q) {
-  const int64_t d = q.size(3);
+inline bool fast(const at::Tensor& q, int64_t d) {
   return q.scalar_type() == at::kFloat && (d == 8 || d == 16 || d == 32 || d == 64);
 }
 
@@ -612,17 +673,70 @@ inline void with_nd(int64_t d, F&& f) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& bits) {
+                  const at::Tensor& bits, bool ragged) {
+  const int64_t x = ragged ? 1 : 2;  // the heads' axis
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "fused attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 - ragged && k.dim() == q.dim(), "fused attention: q ", q.sizes(),
+              " and k ", k.sizes(), " must be ", ragged ? "(R, H, d)" : "(B, L, H, d)");
   TORCH_CHECK(k.sizes() == v.sizes(), "fused attention: k ", k.sizes(), " and v ", v.sizes(),
               " differ");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+  TORCH_CHECK((ragged || q.size(0) == k.size(0)) && q.size(x) == k.size(x) &&
+                  q.size(x + 1) == k.size(x + 1),
               "fused attention: q ", q.sizes(), " does not match k ", k.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "fused attention: q, k and v must share a dtype");
   TORCH_CHECK(!bits.numel() || (bits.scalar_type() == at::kShort && bits.is_contiguous()),
               "fused attention: bits must be contiguous int16");
+}
+
+std::vector<at::Tensor> run_forward(const Layout& a, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, bool ragged, const at::Tensor& bits,
+                                    int64_t threshold, double keep_scale, double scale, bool relu,
+                                    at::Tensor out, at::Tensor P) {
+  const Strided sq = strides_of(q, "q", ragged), sk = strides_of(k, "k", ragged),
+                sv = strides_of(v, "v", ragged);
+  TORCH_CHECK(!bits.numel() || bits.numel() == P.numel(), "fused attention: bits hold ",
+              bits.numel(), " draws for ", P.numel(), " weights");
+  if (fast(q, a.d)) {
+    with_nd(a.d, [&](auto nd) {
+      forward_fast<decltype(nd)::value>(a, q, k, v, sq, sk, sv, bits, threshold, keep_scale,
+                                        scale, relu, out, P);
+    });
+    return {out, P};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_forward", [&] {
+    forward_impl<scalar_t>(a, q, k, v, sq, sk, sv, bits, threshold, keep_scale, scale, relu, out,
+                           P);
+  });
+  return {out, P};
+}
+
+void run_backward(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, bool ragged, const at::Tensor& P,
+                  const at::Tensor& bits, int64_t threshold, double keep_scale, double scale,
+                  bool relu, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  TORCH_CHECK(P.is_contiguous() && grad.sizes() == q.sizes() && dq.sizes() == q.sizes() &&
+                  dk.sizes() == k.sizes() && dv.sizes() == v.sizes() &&
+                  grad.scalar_type() == q.scalar_type() && P.scalar_type() == q.scalar_type() &&
+                  dq.scalar_type() == q.scalar_type() && dk.scalar_type() == q.scalar_type() &&
+                  dv.scalar_type() == q.scalar_type(),
+              "fused attention: backward shapes or dtypes do not match the forward's");
+  const Strided sq = strides_of(q, "q", ragged), sk = strides_of(k, "k", ragged),
+                sv = strides_of(v, "v", ragged), sg = strides_of(grad, "grad", ragged),
+                sdq = strides_of(dq, "dq", ragged), sdk = strides_of(dk, "dk", ragged),
+                sdv = strides_of(dv, "dv", ragged);
+  if (fast(q, a.d)) {
+    with_nd(a.d, [&](auto nd) {
+      backward_fast<decltype(nd)::value>(a, grad, q, k, v, sg, sq, sk, sv, P, bits, threshold,
+                                         keep_scale, scale, relu, dq, sdq, dk, sdk, dv, sdv);
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_backward", [&] {
+    backward_impl<scalar_t>(a, grad, q, k, v, sg, sq, sk, sv, P, bits, threshold, keep_scale,
+                            scale, relu, dq, sdq, dk, sdk, dv, sdv);
+  });
 }
 
 }  // namespace
@@ -631,7 +745,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& attend, const at::Tensor& rows,
                                 const at::Tensor& bits, int64_t threshold, double keep_scale,
                                 double scale, bool relu) {
-  check_inputs(q, k, v, bits);
+  check_inputs(q, k, v, bits, false);
   const int64_t B = q.size(0), Lq = q.size(1), H = q.size(2), d = q.size(3), Lk = k.size(1);
   TORCH_CHECK(attend.scalar_type() == at::kBool && attend.is_contiguous() &&
                   attend.sizes() == at::IntArrayRef({B, Lk}),
@@ -639,44 +753,49 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(!rows.numel() || (rows.scalar_type() == at::kBool && rows.is_contiguous() &&
                                 rows.sizes() == at::IntArrayRef({B, Lq})),
               "fused attention: rows must be a contiguous (B, Lq) bool tensor");
-  auto out = at::empty({B, Lq, H, d}, q.options());
-  auto P = at::empty({B, H, Lq, Lk}, q.options());
-  if (fast(q)) {
-    with_nd(q.size(3), [&](auto nd) {
-      forward_fast<decltype(nd)::value>(q, k, v, attend, rows, bits, threshold, keep_scale,
-                                        scale, relu, out, P);
-    });
-    return {out, P};
-  }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, attend, rows, bits, threshold, keep_scale, scale, relu, out,
-                           P);
-  });
-  return {out, P};
+  const Layout a = padded_layout(q, k, attend, rows);
+  return run_forward(a, q, k, v, false, bits, threshold, keep_scale, scale, relu,
+                     at::empty({B, Lq, H, d}, q.options()), at::empty({B, H, Lq, Lk}, q.options()));
 }
 
 void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& P, const at::Tensor& bits, int64_t threshold,
               double keep_scale, double scale, bool relu, at::Tensor dq, at::Tensor dk,
               at::Tensor dv) {
-  check_inputs(q, k, v, bits);
-  TORCH_CHECK(P.is_contiguous() && grad.sizes() == q.sizes() && dq.sizes() == q.sizes() &&
-                  dk.sizes() == k.sizes() && dv.sizes() == v.sizes(),
-              "fused attention: backward shapes do not match the forward's");
-  if (fast(q)) {
-    with_nd(q.size(3), [&](auto nd) {
-      backward_fast<decltype(nd)::value>(grad, q, k, v, P, bits, threshold, keep_scale, scale,
-                                         relu, dq, dk, dv);
-    });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_attention_backward", [&] {
-    backward_impl<scalar_t>(grad, q, k, v, P, bits, threshold, keep_scale, scale, relu, dq, dk,
-                            dv);
-  });
+  check_inputs(q, k, v, bits, false);
+  const Layout a = padded_layout(q, k, at::Tensor(), at::Tensor());
+  run_backward(a, grad, q, k, v, false, P, bits, threshold, keep_scale, scale, relu, dq, dk, dv);
+}
+
+std::vector<at::Tensor> forward_ragged(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& q_offsets,
+                                       const at::Tensor& k_offsets, const at::Tensor& bits,
+                                       int64_t threshold, double keep_scale, double scale,
+                                       bool relu) {
+  check_inputs(q, k, v, bits, true);
+  const Layout a = ragged_layout(q, k, q_offsets, k_offsets);
+  return run_forward(a, q, k, v, true, bits, threshold, keep_scale, scale, relu,
+                     at::empty({q.size(0), a.H, a.d}, q.options()),
+                     at::empty({a.poff[a.B]}, q.options()));
+}
+
+void backward_ragged(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& q_offsets,
+                     const at::Tensor& k_offsets, const at::Tensor& P, const at::Tensor& bits,
+                     int64_t threshold, double keep_scale, double scale, bool relu,
+                     at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+  check_inputs(q, k, v, bits, true);
+  const Layout a = ragged_layout(q, k, q_offsets, k_offsets);
+  TORCH_CHECK(P.numel() == a.poff[a.B], "fused attention: P holds ", P.numel(), " weights, the ",
+              "offsets ", a.poff[a.B]);
+  run_backward(a, grad, q, k, v, true, P, bits, threshold, keep_scale, scale, relu, dq, dk, dv);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused attention forward: (out (B, Lq, H, d), P (B, H, Lq, Lk))");
   m.def("backward", &backward, "fused attention backward, into dq, dk, dv (strided views)");
+  m.def("forward_ragged", &forward_ragged,
+        "fused attention forward over ragged samples: (out (Rq, H, d), P flat)");
+  m.def("backward_ragged", &backward_ragged,
+        "fused attention backward over ragged samples, into dq, dk, dv (strided views)");
 }

@@ -20,6 +20,9 @@ from seqrank.models.layers.attention import (
     attention,
     attention_weights,
     cross_attention,
+    ragged_cross_attention,
+    ragged_kernel,
+    ragged_self_attention,
     self_attention,
 )
 from seqrank.models.layers.dropout import dropout as apply_dropout
@@ -27,6 +30,7 @@ from seqrank.models.layers.ragged import (
     batch_groups,
     inverse_permutation,
     real_positions,
+    sequence_offsets,
     to_positions,
 )
 from seqrank.models.layers.time import log2_time_bucket
@@ -237,10 +241,13 @@ class Attention(nn.Module):
         return self.ln(out + queries), weights
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """Self-attention of length groups, their tokens flat: the Q/K/V denses, the residual
-        and the layer norm run once over every token, only the attention per group.
+        and the layer norm run once over every token; the attention on CPU with the fused
+        kernel over each sequence's real behaviours alone (`ragged_self_attention`), elsewhere
+        per group on the groups' padded layout.
 
         Args:
             x: (T, D) the behaviours of every group, group after group, each group's (n, L)
@@ -249,6 +256,9 @@ class Attention(nn.Module):
             masks: per group, its (n, L) bool mask.
             real: (R,) int64, where the rows of x sit among the groups' T positions (see
                 `layers.ragged.real_positions`), or None when x holds all T positions.
+            offsets: `layers.ragged.sequence_offsets(masks)` when x holds exactly the real
+                behaviours (with `real`, or when every position is real): then, where the fused
+                CPU kernel runs, the attention goes over each sequence's behaviours alone.
 
         Returns:
             (T, D) outputs, as `forward(x_g, m, x_g, m)` gives them for each group ((R, D): the
@@ -256,6 +266,9 @@ class Attention(nn.Module):
         """
         D, H = x.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
+        if offsets is not None and ragged_kernel(x) is not None:  # x: real behaviours only
+            qkv = _stacked(x, self.q, self.k, self.v).view(-1, 3, H, D // H)  # (R or T, 3, H, d)
+            return self.ln(ragged_self_attention(qkv, offsets, p, relu=True) + x)  # (R or T, D)
         T = sum(m.numel() for m in masks)
         qkv = to_positions(_stacked(x, self.q, self.k, self.v), real, T)  # (T, 3D)
         out = [
@@ -268,7 +281,8 @@ class Attention(nn.Module):
         return self.ln(out + x)  # (T or R, D)
 
     def forward_target_groups(
-        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """The vanilla attention of length groups: one query per sample to its group's keys.
 
@@ -277,13 +291,18 @@ class Attention(nn.Module):
             keys: (T, D) the behaviours of every group, flat as in `forward_groups`; with
                 `real`, (R, D) the real ones.
             masks: per group, its (n, L) bool key mask.
-            real: as in `forward_groups`.
+            real, offsets: as in `forward_groups`.
 
         Returns:
             (B, D) outputs, as `forward(u_g[:, None], ones, keys_g, m)` gives them per group.
         """
         D, H = u.shape[-1], self.num_heads
         p = self.dropout if self.training else 0.0
+        if offsets is not None and ragged_kernel(u) is not None:  # one query, the real keys
+            queries = torch.arange(len(u) + 1, device=u.device)  # (B + 1,) one row each
+            kv = _stacked(keys, self.k, self.v).view(-1, 2, H, D // H)  # (R or T, 2, H, d)
+            out = ragged_cross_attention(self.q(u).view(-1, H, D // H), kv, queries, offsets, p, relu=True)
+            return self.ln(out + u)  # (B, D)
         q = self.q(u).view(-1, 1, H, D // H).split([m.shape[0] for m in masks])  # (n, 1, H, d)
         T = sum(m.numel() for m in masks)
         kv = to_positions(_stacked(keys, self.k, self.v), real, T)  # (T, 2D)
@@ -335,16 +354,18 @@ class Block(nn.Module):
         return self.ffn(x), weights
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """Self-attention block of length groups, tokens flat (`Attention.forward_groups`)."""
-        return self.ffn(self.attn.forward_groups(x, masks, real))  # (T or R, D)
+        return self.ffn(self.attn.forward_groups(x, masks, real, offsets))  # (T or R, D)
 
     def forward_target_groups(
-        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """Vanilla attention block of length groups (`Attention.forward_target_groups`)."""
-        return self.ffn(self.attn.forward_target_groups(u, keys, masks, real))  # (B, D)
+        return self.ffn(self.attn.forward_target_groups(u, keys, masks, real, offsets))  # (B, D)
 
 
 class ATRank(nn.Module):
@@ -591,11 +612,13 @@ class ATRank(nn.Module):
         h = self.behaviors(hist_obj[None], flat(2), flat(3), flat(4))[0]  # (R, D)
         target = self.embed_target(target_obj)  # (B, D) in group order
         # the blocks over the behaviours of all groups at once, only the attention per group
+        # (the attention over each sequence's real behaviours with the CPU kernel)
+        offsets = sequence_offsets(masks) if ragged_kernel(h) is not None else None
         for block in self.self_blocks:
-            h = block.forward_groups(h, masks, real)  # (R, D)
+            h = block.forward_groups(h, masks, real, offsets)  # (R, D)
         u = target  # (B, D)
         for block in self.target_blocks:
-            u = block.forward_target_groups(u, h, masks, real)  # (B, D)
+            u = block.forward_target_groups(u, h, masks, real, offsets)  # (B, D)
         has_history = torch.cat([m.any(dim=1) for m in masks])[:, None]  # (B, 1)
         u = u * has_history  # (B, D) in group order; no behaviours, no user vector
         self._user, self._target = u, target

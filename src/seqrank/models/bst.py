@@ -12,11 +12,13 @@ from torch import Tensor, nn
 
 from seqrank.data.types import Batch, Schema
 from seqrank.models.layers import MLP, TimeBucketEmbedding, TransformerEncoder
+from seqrank.models.layers.attention import ragged_kernel
 from seqrank.models.layers.ragged import (
     batch_groups,
     inverse_permutation,
     real_positions,
     right_aligned_linear,
+    sequence_offsets,
 )
 from seqrank.optim import check_sparse_embeddings, embedding_table
 
@@ -207,8 +209,11 @@ class BST(nn.Module):
         flat = [torch.cat([t[k].reshape(-1) for t in tokens]) for k in range(4)]  # (T,) each
         if real is not None:
             flat = [f[real] for f in flat]  # (R,) each
-        # the encoder over the tokens of all groups at once (attention per group)
-        out = self.encoder.forward_groups(self.embed_tokens(*flat), masks, real)  # (T, D), 0 if padded
+        # the encoder over the tokens of all groups at once (the attention over each
+        # sequence's valid tokens with the CPU kernel, else per group)
+        x = self.embed_tokens(*flat)  # (R or T, D)
+        offsets = sequence_offsets(masks) if ragged_kernel(x) is not None else None
+        out = self.encoder.forward_groups(x, masks, real, offsets)  # (T, D), 0 if padded
         zs = []
         parts = out.split([m.numel() for m in masks])  # (n * (L+1), D) each
         for x, mask, (sub, _) in zip(parts, masks, groups, strict=True):

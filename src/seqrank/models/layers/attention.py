@@ -209,6 +209,81 @@ def _packed_attention(
     )
 
 
+def ragged_kernel(x: Tensor):  # noqa: ANN201
+    """The fused kernel when `ragged_self_attention` / `ragged_cross_attention` can run on `x`
+    (a CPU float or half tensor, the kernel built, not under torch.compile), else None: the
+    callers then lay their tokens out padded for `self_attention` / `cross_attention`."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return _fused_kernel(x)
+
+
+def _check_offsets(offsets: Tensor, name: str) -> Tensor:
+    """The offsets as the kernel takes them (which checks their values: from 0 to the rows, not
+    decreasing)."""
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or len(offsets) < 1:
+        raise ValueError(f"{name} must be a (B + 1,) int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+    return offsets.contiguous()
+
+
+def ragged_self_attention(
+    qkv: Tensor, offsets: Tensor, dropout: float = 0.0, *, relu: bool = False
+) -> Tensor:
+    """`self_attention` of sequences of different lengths stored one after another, without
+    padding: sequence b is rows offsets[b]..offsets[b+1], and every one of its tokens is a
+    query and a key (the tokens are the sequence's valid positions). Needs `ragged_kernel`.
+
+    Args:
+        qkv: (R, 3, H, d) queries, keys and values of the R tokens (e.g. a view of one (R, 3D)
+            Linear output); with `relu`, before the activation.
+        offsets: (B + 1,) int64, 0 = offsets[0] <= ... <= offsets[B] = R.
+        dropout: drop probability of the attention weights.
+        relu: apply ReLU to q, k and v first (inside the kernel).
+
+    Returns:
+        (R, H * d) outputs, heads concatenated.
+    """
+    ext = ragged_kernel(qkv)
+    if ext is None:
+        raise RuntimeError("ragged attention needs the fused CPU kernel (`ragged_kernel`)")
+    offsets = _check_offsets(offsets, "offsets")
+    (q32,) = _kernel_dtype(qkv)
+    d = qkv.shape[-1]
+    y = _RaggedAttention.apply(q32, q32, offsets, offsets, dropout, 1.0 / math.sqrt(d), relu, True, ext)
+    return y.to(qkv.dtype)
+
+
+def ragged_cross_attention(
+    q: Tensor, kv: Tensor, q_offsets: Tensor, k_offsets: Tensor, dropout: float = 0.0, *,
+    relu: bool = False,
+) -> Tensor:
+    """`cross_attention` of ragged queries to ragged keys: sample b's queries are rows
+    q_offsets[b]..q_offsets[b+1] of q and attend to every key in rows k_offsets[b]..k_offsets[b+1]
+    of kv; queries of a sample without keys get a zero output. Needs `ragged_kernel`.
+
+    Args:
+        q: (Rq, H, d) queries (with `relu`, before the activation).
+        kv: (Rk, 2, H, d) keys and values (with `relu`, before the activation).
+        q_offsets, k_offsets: (B + 1,) int64 row offsets into q and kv.
+        dropout, relu: as in `ragged_self_attention`.
+
+    Returns:
+        (Rq, H * d) outputs, heads concatenated.
+    """
+    ext = ragged_kernel(q)
+    if ext is None:
+        raise RuntimeError("ragged attention needs the fused CPU kernel (`ragged_kernel`)")
+    if len(q_offsets) != len(k_offsets):
+        raise ValueError(f"q_offsets ({len(q_offsets)}) and k_offsets ({len(k_offsets)}) differ in samples")
+    q_offsets = _check_offsets(q_offsets, "q_offsets")
+    k_offsets = _check_offsets(k_offsets, "k_offsets")
+    q32, kv32 = _kernel_dtype(q, kv)
+    y = _RaggedAttention.apply(
+        q32[:, None], kv32, q_offsets, k_offsets, dropout, 1.0 / math.sqrt(q.shape[-1]), relu, False, ext
+    )
+    return y.to(q.dtype)
+
+
 def attention_weights(
     q: Tensor, k: Tensor, key_mask: Tensor, query_mask: Tensor | None = None
 ) -> Tensor:
@@ -404,13 +479,61 @@ class _FusedAttention(torch.autograd.Function):
         q_src, kv_src, P, bits = ctx.saved_tensors
         threshold, keep_scale, scale, relu, same, ext = ctx.args
         B, Lq, _, H, d = q_src.shape
-        # every slot is written (k and v, and q when packed with them), or zero-filled first
-        covered = kv_src.shape[2] == (3 if same else 2)
-        dkv = torch.empty_like(kv_src) if covered else torch.zeros_like(kv_src)
-        dq = dkv if same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
+        dq, dkv = _packed_grads(q_src, kv_src, same, slot=2)
         ext.backward(
             grad.contiguous().view(B, Lq, H, d), q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], P,
             bits, threshold, keep_scale, scale, relu, dq[:, :, 0], dkv[:, :, -2], dkv[:, :, -1],
+        )
+        return dkv if same else dq, None if same else dkv, None, None, None, None, None, None, None
+
+
+def _packed_grads(q_src: Tensor, kv_src: Tensor, same: bool, slot: int) -> tuple[Tensor, Tensor]:
+    """Gradient buffers of packed projections for the fused kernel's backward (`slot`: the
+    axis of the q/k/v slots): every slot is written (k and v, and q when packed with them), or
+    zero-filled first."""
+    covered = kv_src.shape[slot] == (3 if same else 2)
+    dkv = torch.empty_like(kv_src) if covered else torch.zeros_like(kv_src)
+    if same:
+        return dkv, dkv
+    return (torch.empty_like(q_src) if q_src.shape[slot] == 1 else torch.zeros_like(q_src)), dkv
+
+
+class _RaggedAttention(torch.autograd.Function):
+    """`_FusedAttention` over ragged samples (`ragged_self_attention`, `ragged_cross_attention`):
+    the samples' rows one after another, (R, S, H, d) packed projections, sample b's queries at
+    rows q_offsets[b]..q_offsets[b+1] and its keys at k_offsets[b]..k_offsets[b+1]; P and the
+    dropout draws flat, one (H, Lq_b, Lk_b) block per sample."""
+
+    @staticmethod
+    def forward(  # noqa: ANN001, PLR0913
+        ctx, q_src: Tensor, kv_src: Tensor, q_offsets: Tensor, k_offsets: Tensor, p: float,
+        scale: float, relu: bool, same: bool, ext,
+    ) -> Tensor:
+        Rq, _, H, d = q_src.shape
+        if p > 0:
+            n = H * int(torch.dot(q_offsets.diff(), k_offsets.diff()))
+            bits = random_bits16((n,))
+        else:
+            bits = _EMPTY_BITS
+        threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
+        q, k, v = q_src[:, 0], kv_src[:, -2], kv_src[:, -1]  # (R, H, d) views
+        out, P = ext.forward_ragged(
+            q, k, v, q_offsets, k_offsets, bits, threshold, keep_scale, scale, relu
+        )
+        ctx.save_for_backward(q_src, kv_src, q_offsets, k_offsets, P, bits)
+        ctx.args = (threshold, keep_scale, scale, relu, same, ext)
+        return out.view(Rq, H * d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        q_src, kv_src, q_offsets, k_offsets, P, bits = ctx.saved_tensors
+        threshold, keep_scale, scale, relu, same, ext = ctx.args
+        Rq, _, H, d = q_src.shape
+        dq, dkv = _packed_grads(q_src, kv_src, same, slot=1)
+        ext.backward_ragged(
+            grad.contiguous().view(Rq, H, d), q_src[:, 0], kv_src[:, -2], kv_src[:, -1],
+            q_offsets, k_offsets, P, bits, threshold, keep_scale, scale, relu,
+            dq[:, 0], dkv[:, -2], dkv[:, -1],
         )
         return dkv if same else dq, None if same else dkv, None, None, None, None, None, None, None
 
@@ -492,10 +615,13 @@ class MultiHeadSelfAttention(nn.Module):
         return (y, weights) if return_weights else y
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of several groups of sequences (length groups), their tokens flat: the
-        projections run once over every token, only the attention group by group.
+        projections run once over every token; the attention on CPU with the fused kernel over
+        the valid tokens alone, each sequence's one after another (`ragged_self_attention`: no
+        padding at all), elsewhere group by group on the groups' padded layout.
 
         Args:
             x: (T, D) the tokens of every group, group after group, each group's (n, L)
@@ -504,6 +630,9 @@ class MultiHeadSelfAttention(nn.Module):
             masks: per group, its (n, L) bool mask (True where a key is valid).
             real: (R,) int64 positions of x's rows among the T (`ragged.real_positions`), or
                 None when x holds all T positions.
+            offsets: `ragged.sequence_offsets(masks)` when x holds exactly the valid tokens
+                (with `real`, or when every position is valid): then, where the fused CPU kernel
+                runs, the attention goes over each sequence's tokens one after another.
 
         Returns:
             (T, D) outputs, as `forward` gives them for each group; with `real`, (R, D): those
@@ -512,6 +641,9 @@ class MultiHeadSelfAttention(nn.Module):
         D = self.d_model
         H = self.num_heads
         p = self.dropout if self.training else 0.0
+        if offsets is not None and ragged_kernel(x) is not None:  # x: valid tokens, own keys
+            y = ragged_self_attention(self.qkv(x).view(-1, 3, H, D // H), offsets, p)  # (T or R, D)
+            return self.out(y)
         qkv = to_positions(self.qkv(x), real, sum(m.numel() for m in masks))  # (T, 3D)
         parts = qkv.split([m.numel() for m in masks])  # (n * L, 3D) per group
         y = torch.cat(

@@ -154,6 +154,23 @@ def real_positions(masks: list[Tensor]) -> Tensor | None:
     return None if bool(valid.all()) else valid.nonzero().squeeze(1)
 
 
+def sequence_offsets(masks: list[Tensor]) -> Tensor:
+    """Where each sequence's valid tokens start among the valid tokens of length groups, laid
+    out as `real_positions` lists them (group after group, row-major): the offsets the ragged
+    attention kernel takes (`layers.attention.ragged_self_attention`).
+
+    Args:
+        masks: per group, its (n, L) bool mask; B = the sum of the n.
+
+    Returns:
+        (B + 1,) int64: 0, then the running count of valid tokens after each sequence.
+    """
+    counts = torch.cat([m.sum(dim=1) for m in masks])  # (B,)
+    offsets = counts.new_zeros(len(counts) + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
 def to_positions(rows: Tensor, real: Tensor | None, total: int) -> Tensor:
     """Rows computed for the real positions only, laid out at all `total` positions of the
     length groups, zero at the padding (for the per-group attention, which masks the padding,

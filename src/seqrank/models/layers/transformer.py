@@ -64,12 +64,13 @@ class TransformerBlock(nn.Module):
         return (x, weights) if return_weights else x
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of length groups, tokens flat (`MultiHeadSelfAttention.forward_groups`):
         everything but the attention runs once over all (T, D) tokens, or with `real` over the
         (R, D) valid ones only."""
-        x = self.norm1(x + self.drop(self.attn.forward_groups(x, masks, real)))  # eq. 5
+        x = self.norm1(x + self.drop(self.attn.forward_groups(x, masks, real, offsets)))  # eq. 5
         return self.norm2(x + self.drop(self.ffn(x)))  # eq. 6
 
 
@@ -128,7 +129,8 @@ class TransformerEncoder(nn.Module):
         return (x, weights) if return_weights else x
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None
+        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of several groups of sequences (length groups) at once.
 
@@ -139,12 +141,14 @@ class TransformerEncoder(nn.Module):
             masks: per group, its (n, L) bool mask of valid positions.
             real: (R,) int64 positions of x's rows among the T (`ragged.real_positions`), or
                 None when x holds all T positions.
+            offsets: `ragged.sequence_offsets(masks)` when x holds exactly the valid tokens
+                (`MultiHeadSelfAttention.forward_groups`), else None.
 
         Returns:
             (T, D) outputs, zero where padded: `forward` of each group, flattened.
         """
         for layer in self.layers:
-            x = layer.forward_groups(x, masks, real)
+            x = layer.forward_groups(x, masks, real, offsets)
         if real is not None:
             return to_positions(x, real, sum(m.numel() for m in masks))  # (T, D)
         valid = torch.cat([m.reshape(-1) for m in masks])  # (T,)
