@@ -32,6 +32,7 @@ from seqrank.models.layers.ragged import (
     real_positions,
     sequence_offsets,
     to_positions,
+    whole_batch,
 )
 from seqrank.models.layers.time import log2_time_bucket
 from seqrank.optim import check_sparse_embeddings, embedding_table
@@ -509,7 +510,12 @@ class ATRank(nn.Module):
         """
         # length groups; not for attention plots, nor compiled (static shapes: the padded batch)
         if not return_attention and self.length_groups and not torch.compiler.is_compiling():
-            split = batch_groups(batch, self.max_len, self.length_groups, self.group_cost)
+            if ragged_kernel(self.item_bias) is not None:
+                # the attention over each sequence's real behaviours, every other layer on
+                # them too: padding costs nothing, one group (the batch) has the fewest calls
+                split = whole_batch(batch, self.max_len)
+            else:
+                split = batch_groups(batch, self.max_len, self.length_groups, self.group_cost)
             if split is not None:
                 return self.forward_groups(batch, *split)
         L = min(batch.hist_item.shape[1], self.max_len)
@@ -574,15 +580,17 @@ class ATRank(nn.Module):
         return u.squeeze(1) * has_history, stt, att  # (B, D): no behaviours, no user vector
 
     def forward_groups(
-        self, batch: Batch, groups: list[tuple[Batch, int]], order: Tensor
+        self, batch: Batch, groups: list[tuple[Batch, int]], order: Tensor | None
     ) -> Tensor:
         """`forward` on length groups: one lookup, one projection and one pass of every dense
         layer and layer norm over the real behaviours of all groups (not the groups' padding);
-        only the attention runs per group, at the group's own history length.
+        the attention over each sequence's real behaviours (the ragged CPU kernel: then the
+        batch is one group, `whole_batch`), or elsewhere per group at the group's own length.
 
         Args:
             batch: the whole batch; groups: [(group batch, history length)]; order: (B,) rows
-                of the batch, group by group (`batch_groups`).
+                of the batch, group by group (`batch_groups`), or None: one group of all rows
+                in batch order (`whole_batch`).
 
         Returns:
             (B,) logits in batch order.
@@ -604,11 +612,11 @@ class ATRank(nn.Module):
 
         item = flat(0)[0]
         obj = self.behaviors.objects(
-            torch.cat([item, batch.target_item[order]]),
-            torch.cat([flat(1)[0], batch.target_cate[order]]),
+            torch.cat([item, batch.target_item if order is None else batch.target_item[order]]),
+            torch.cat([flat(1)[0], batch.target_cate if order is None else batch.target_cate[order]]),
         )  # (R + B, 2E)
         # split, not two slices: a slice's backward zero-fills the whole (R + B, 2E) gradient
-        hist_obj, target_obj = obj.split([len(item), len(order)])  # (R, 2E), (B, 2E)
+        hist_obj, target_obj = obj.split([len(item), len(batch.target_item)])  # (R, 2E), (B, 2E)
         h = self.behaviors(hist_obj[None], flat(2), flat(3), flat(4))[0]  # (R, D)
         target = self.embed_target(target_obj)  # (B, D) in group order
         # the blocks over the behaviours of all groups at once, only the attention per group
@@ -622,7 +630,9 @@ class ATRank(nn.Module):
         has_history = torch.cat([m.any(dim=1) for m in masks])[:, None]  # (B, 1)
         u = u * has_history  # (B, D) in group order; no behaviours, no user vector
         self._user, self._target = u, target
-        score = (u * target).sum(-1)[inverse_permutation(order)]  # (B,) in batch order
+        score = (u * target).sum(-1)  # (B,) in group order
+        if order is not None:
+            score = score[inverse_permutation(order)]  # (B,) in batch order
         return self.item_bias[batch.target_item] + score
 
     def regularization(self) -> Tensor:

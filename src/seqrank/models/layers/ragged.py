@@ -140,6 +140,23 @@ def batch_groups(
     return groups, torch.cat(order)
 
 
+def whole_batch(batch: Batch, max_len: int) -> tuple[list[tuple[Batch, int]], None] | None:
+    """The batch as one length group, cut to its longest history (no rows gathered): for a
+    model whose every layer skips the padding once its tokens are the valid ones alone (ATRank
+    with the ragged attention kernel), where more groups would only add op calls.
+
+    Returns:
+        ([(batch cut to length L, L)], None) (None: the rows keep their order), or None when
+        the batch has no history positions.
+    """
+    mask = batch.hist_mask[:, -max_len:]
+    if mask.shape[1] == 0:
+        return None
+    length = int(history_spans(mask).max())
+    cut = {name: getattr(batch, name)[:, -length:] for name in HISTORY_FIELDS}
+    return [(batch.replace(**cut), length)], None
+
+
 def real_positions(masks: list[Tensor]) -> Tensor | None:
     """Where the real (unmasked) positions of length groups sit among their T positions.
 
