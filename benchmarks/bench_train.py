@@ -527,26 +527,44 @@ class RecordFusedAttention:
         self.calls: Counter = Counter()
         self.flops = 0
 
-    def _count(self, q: torch.Tensor, k: torch.Tensor, backward: bool) -> None:
-        B, Lq, H, d = q.shape
-        Lk = k.shape[1]
+    def _count(self, B: int, Lq: int, Lk: int, H: int, d: int, dtype, backward: bool) -> None:  # noqa: ANN001
+        if B * Lq * Lk == 0:
+            return
         # (m, k, n) of each product, (BH, m, k) x (BH, k, n): S, O; or dP, dV, dQ, dK
         forward = [(Lq, d, Lk), (Lq, Lk, d)]
         for m, kk, n in (
             [(Lq, d, Lk), (Lk, Lq, d), (Lq, Lk, d), (Lk, Lq, d)] if backward else forward
         ):
-            a = TensorSpec(((B * H, m, kk), (m * kk, kk, 1), q.dtype))
-            b = TensorSpec(((B * H, kk, n), (kk * n, n, 1), q.dtype))
+            a = TensorSpec(((B * H, m, kk), (m * kk, kk, 1), dtype))
+            b = TensorSpec(((B * H, kk, n), (kk * n, n, 1), dtype))
             self.calls[(aten.bmm.default, (a, b), ())] += 1
             self.flops += 2 * B * H * m * kk * n
 
+    def _count_ragged(self, q, q_offsets, k_offsets, backward: bool) -> None:  # noqa: ANN001
+        """The ragged kernel's products: each sample's (Lq_b, Lk_b) heads, the samples of equal
+        lengths as one bmm."""
+        _, H, d = q.shape
+        pairs = Counter(zip(q_offsets.diff().tolist(), k_offsets.diff().tolist(), strict=True))
+        for (lq, lk), n in pairs.items():
+            self._count(n, lq, lk, H, d, q.dtype, backward)
+
     def forward(self, q, k, *args):  # noqa: ANN001, ANN002, ANN201
-        self._count(q, k, backward=False)
+        B, Lq, H, d = q.shape
+        self._count(B, Lq, k.shape[1], H, d, q.dtype, backward=False)
         return self.ext.forward(q, k, *args)
 
     def backward(self, grad, q, k, *args):  # noqa: ANN001, ANN002, ANN201
-        self._count(q, k, backward=True)
+        B, Lq, H, d = q.shape
+        self._count(B, Lq, k.shape[1], H, d, q.dtype, backward=True)
         return self.ext.backward(grad, q, k, *args)
+
+    def forward_ragged(self, q, k, v, q_offsets, k_offsets, *args):  # noqa: ANN001, ANN002, ANN201
+        self._count_ragged(q, q_offsets, k_offsets, backward=False)
+        return self.ext.forward_ragged(q, k, v, q_offsets, k_offsets, *args)
+
+    def backward_ragged(self, grad, q, k, v, q_offsets, k_offsets, *args):  # noqa: ANN001, ANN002, ANN201
+        self._count_ragged(q, q_offsets, k_offsets, backward=True)
+        return self.ext.backward_ragged(grad, q, k, v, q_offsets, k_offsets, *args)
 
 
 def record_steps(step, n: int) -> tuple[float, Counter]:  # noqa: ANN001

@@ -20,7 +20,7 @@ from seqrank import kernels
 from seqrank.data.datamodule import SeqDataModule
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
-from seqrank.models.layers.attention import self_attention
+from seqrank.models.layers.attention import ragged_self_attention, self_attention
 from seqrank.models.layers.ragged import right_aligned_linear
 from tests.kernels import require_kernel
 
@@ -174,6 +174,23 @@ def test_ceiling_counts_the_fused_attention_kernels_products(
     ceiling = bench_train.Ceiling(calls)
     ceiling.sample()
     assert 0 < ceiling.seconds() < 0.1
+
+
+def test_ceiling_counts_the_ragged_kernels_products_per_sample() -> None:
+    """The ragged kernel's products are each sample's own (Lq_b, Lk_b) heads: samples of equal
+    lengths as one bmm, samples without keys nothing."""
+    require_kernel("attention")
+    torch.manual_seed(0)
+    lengths = [3, 5, 3, 0, 1]
+    offsets = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int64)
+    x = torch.randn(sum(lengths), 3, 4, 8, requires_grad=True)  # (R, q/k/v, H, d)
+    flops, calls = bench_train.record_step(
+        lambda: ragged_self_attention(x, offsets).sum().backward()
+    )
+    assert flops == 6 * sum(2 * 4 * n * n * 8 for n in lengths)  # 2 products forward, 4 backward
+    assert sum(calls.values()) == 3 * 6  # lengths 3 (twice), 5 and 1: one bmm each
+    batch_sizes = sorted(spec[0][0][0] for (_, spec, _), n in calls.items() for _ in range(n))
+    assert batch_sizes == [4] * 12 + [8] * 6  # (samples x heads): 1 x 4 or 2 x 4
 
 
 def test_ceiling_of_several_steps_counts_all_of_them() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -591,3 +592,118 @@ def test_packed_attention_unread_slot_gets_zero_gradient(
     k, v = torch.relu(kv[:, :, 1]), torch.relu(kv[:, :, 2])
     expected = _explicit_attention(torch.relu(q[:, :, 0]), k, v, mask, None, 0.0, seed=0)
     torch.testing.assert_close(y, expected)
+
+
+# --- the ragged kernel: sequences one after another, no padding ------------------------------
+
+
+def _ragged_reference(q, kv, q_lengths, k_lengths, p, bits):  # noqa: ANN001, ANN202
+    """Each sample alone, op by op: softmax(q k^T / sqrt(d)) over all its keys, its block of the
+    flat draws as the keep mask, times v; zero outputs where it has no keys."""
+    threshold, keep_scale = keep_threshold(p) if p > 0 else (0, 1.0)
+    H, d = q.shape[1], q.shape[2]
+    outs, qs, ks, drawn = [], 0, 0, 0
+    for lq, lk in zip(q_lengths, k_lengths, strict=True):
+        qb = q[qs : qs + lq].transpose(0, 1)  # (H, lq, d)
+        kb, vb = (kv[ks : ks + lk, i].transpose(0, 1) for i in (0, 1))  # (H, lk, d)
+        if lk == 0:
+            outs.append(q.new_zeros(lq, H * d))
+        else:
+            w = (qb @ kb.transpose(1, 2) / math.sqrt(d)).softmax(-1)  # (H, lq, lk)
+            if p > 0:
+                block = bits[drawn : drawn + H * lq * lk].view(H, lq, lk)
+                w = w * (block >= threshold).to(w.dtype) * keep_scale
+            outs.append((w @ vb).transpose(0, 1).reshape(lq, H * d))
+        qs, ks, drawn = qs + lq, ks + lk, drawn + H * lq * lk
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", [16, 12])  # the vectorised float32 path, and a width that is not
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_ragged_attention_is_each_sample_alone(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str
+) -> None:
+    """Sequences of lengths 0 to 19 one after another (keys padded to multiples of 8 inside the
+    kernel, samples without keys): outputs and gradients of q, k and v equal each sample's
+    attention computed alone, with its block of the flat dropout draws."""
+    require_fused()
+    monkeypatch.setattr(attention_module, "FUSED", True)
+    drawn = []
+    real_bits = attention_module.random_bits16
+    monkeypatch.setattr(attention_module, "random_bits16", lambda s: drawn.append(real_bits(s)) or drawn[-1])
+    torch.manual_seed(0)
+    H = 2
+    k_lengths = [3, 0, 19, 1, 8, 9, 0, 5]
+    q_lengths = k_lengths if kind == "self" else [1, 2, 1, 0, 3, 1, 1, 1]
+    k_offsets = torch.tensor([0, *itertools.accumulate(k_lengths)])
+    q_offsets = torch.tensor([0, *itertools.accumulate(q_lengths)])
+    kv = (torch.randn(sum(k_lengths), 3, H, d, dtype=dtype) * 2).requires_grad_()
+    q = kv[:, 0] if kind == "self" else (torch.randn(sum(q_lengths), H, d, dtype=dtype) * 2).requires_grad_()
+    if kind == "self":
+        y = attention_module.ragged_self_attention(kv, k_offsets, p, relu=relu)
+        inputs = (kv,)
+    else:
+        y = attention_module.ragged_cross_attention(q, kv[:, 1:], q_offsets, k_offsets, p, relu=relu)
+        inputs = (q, kv)
+    assert len(drawn) == (p > 0)
+    assert p == 0 or drawn[0].numel() == H * sum(a * b for a, b in zip(q_lengths, k_lengths, strict=True))
+    act = torch.relu if relu else (lambda t: t)
+    ref_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
+    rq, rkv = (ref_inputs[0][:, 0], ref_inputs[0][:, 1:]) if kind == "self" else (ref_inputs[0], ref_inputs[1][:, 1:])
+    expected = _ragged_reference(act(rq), act(rkv), q_lengths, k_lengths, p, drawn[0] if p else None)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
+    assert y.dtype == dtype and y.shape == (sum(q_lengths), H * d)
+    torch.testing.assert_close(y.double(), expected, **tol)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, inputs, g.to(dtype))
+    want = torch.autograd.grad(expected, ref_inputs, g)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 5e-5, "rtol": 1e-4}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_ragged_attention_rejects_bad_offsets() -> None:
+    """Offsets of the wrong dtype, or not running from 0 to the rows: an error naming them."""
+    require_fused()
+    qkv = torch.randn(5, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"offsets must be a \(B \+ 1,\) int64 tensor"):
+        attention_module.ragged_self_attention(qkv, torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="offsets must run from 0 to the rows of q"):
+        attention_module.ragged_self_attention(qkv, torch.tensor([0, 2, 4]))
+    with pytest.raises(RuntimeError, match="offsets must not decrease"):
+        attention_module.ragged_self_attention(qkv, torch.tensor([0, 3, 2, 5]))
+    with pytest.raises(ValueError, match="differ in samples"):
+        attention_module.ragged_cross_attention(
+            torch.randn(2, 2, 8), qkv[:, 1:], torch.tensor([0, 1, 2]), torch.tensor([0, 5])
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ragged_half_inputs_run_the_float32_kernel(dtype: torch.dtype) -> None:
+    """As the padded path: half inputs through the float32 kernel, cast back, gradients too."""
+    require_fused()
+    torch.manual_seed(0)
+    x = (torch.randn(9, 3, 2, 8) * 2).to(dtype)
+    offsets = torch.tensor([0, 4, 4, 9])
+    half, full = x.clone().requires_grad_(), x.float().requires_grad_()
+    y = attention_module.ragged_self_attention(half, offsets, relu=True)
+    want = attention_module.ragged_self_attention(full, offsets, relu=True)
+    assert y.dtype == dtype and torch.equal(y, want.to(dtype))
+    g = torch.randn(y.shape).to(dtype)
+    (got,) = torch.autograd.grad(y, half, g)
+    (ref,) = torch.autograd.grad(want, full, g.float())
+    assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
+
+
+def test_ragged_kernel_is_cpu_and_fused_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ragged path exists where the fused kernel runs; elsewhere callers pad (None)."""
+    require_fused()
+    x = torch.randn(3, 4)
+    assert attention_module.ragged_kernel(x) is not None
+    monkeypatch.setenv("SEQRANK_FUSED_ATTENTION", "0")
+    assert attention_module.ragged_kernel(x) is None
+    with pytest.raises(RuntimeError, match="needs the fused CPU kernel"):
+        attention_module.ragged_self_attention(torch.randn(2, 3, 1, 8), torch.tensor([0, 2]))

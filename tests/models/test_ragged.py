@@ -11,14 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seqrank import kernels
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
+from tests.models.conftest import require_fused
 from seqrank.models.layers.ragged import (
     batch_groups,
     history_spans,
     inverse_permutation,
     plan_groups,
     right_aligned_linear,
+    sequence_offsets,
+    whole_batch,
 )
 
 
@@ -256,3 +260,50 @@ def test_groups_under_bf16_autocast_match_the_padded_path(attention_path, schema
         got, want = model(batch), padded(batch)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_sequence_offsets_follow_the_valid_tokens_group_after_group() -> None:
+    masks = [torch.tensor([[False, True, True], [True, False, True]]), torch.tensor([[False], [True]])]
+    assert sequence_offsets(masks).tolist() == [0, 2, 4, 4, 5]
+
+
+def test_whole_batch_cuts_to_the_longest_history_without_gathering_rows(schema, make_batch) -> None:
+    batch = make_batch(schema, B=8, L=12, seed=0, lengths=torch.tensor([0, 3, 7, 1, 2, 7, 5, 0]))
+    groups, order = whole_batch(batch, max_len=10)
+    assert order is None and len(groups) == 1
+    sub, length = groups[0]
+    assert length == 7 and sub.hist_item.shape == (8, 7)
+    assert torch.equal(sub.hist_mask, batch.hist_mask[:, -7:]) and torch.equal(sub.user, batch.user)
+    assert int(sub.hist_mask.sum()) == int(batch.hist_mask.sum())  # every event kept
+    assert whole_batch(batch, max_len=0) is None  # no history positions
+
+
+class _CountingKernel:
+    """The fused attention kernel, counting its entry points' calls."""
+
+    def __init__(self, ext) -> None:  # noqa: ANN001
+        self.ext, self.calls = ext, []
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        fn = getattr(self.ext, name)
+        return lambda *args: self.calls.append(name) or fn(*args)
+
+
+@pytest.mark.parametrize("cls", [BST, ATRank])
+def test_cpu_groups_attend_over_ragged_sequences(monkeypatch, schema, make_batch, cls) -> None:
+    """With the fused kernel, grouped batches run each attention as one ragged kernel call over
+    the valid tokens (no padded call); ATRank as one group (`whole_batch`)."""
+    ext = require_fused()
+    counting = _CountingKernel(ext)
+    monkeypatch.setitem(kernels._state, "attention", counting)
+    model = _small(cls, schema)
+    model.group_cost = 0
+    batch = make_batch(schema, B=48, L=12, seed=3, lengths=_skewed_lengths(48, 12, 2))
+    model(batch).sum().backward()
+    blocks = 1 if cls is BST else len(model.self_blocks) + len(model.target_blocks)
+    assert counting.calls == ["forward_ragged"] * blocks + ["backward_ragged"] * blocks
+    if cls is ATRank:
+        seen = []
+        monkeypatch.setattr(model, "forward_groups", lambda b, groups, order: seen.append(len(groups)) or 0)
+        model(batch)
+        assert seen == [1]

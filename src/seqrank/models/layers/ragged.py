@@ -149,10 +149,10 @@ def whole_batch(batch: Batch, max_len: int) -> tuple[list[tuple[Batch, int]], No
         ([(batch cut to length L, L)], None) (None: the rows keep their order), or None when
         the batch has no history positions.
     """
-    mask = batch.hist_mask[:, -max_len:]
-    if mask.shape[1] == 0:
+    width = min(batch.hist_mask.shape[1], max_len)
+    if width == 0:
         return None
-    length = int(history_spans(mask).max())
+    length = int(history_spans(batch.hist_mask[:, -width:]).max())
     cut = {name: getattr(batch, name)[:, -length:] for name in HISTORY_FIELDS}
     return [(batch.replace(**cut), length)], None
 
