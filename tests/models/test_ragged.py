@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from seqrank import kernels
 from seqrank.models.atrank import ATRank
 from seqrank.models.bst import BST
-from tests.models.conftest import require_fused
 from seqrank.models.layers.ragged import (
     batch_groups,
     history_spans,
@@ -24,6 +23,7 @@ from seqrank.models.layers.ragged import (
     sequence_offsets,
     whole_batch,
 )
+from tests.models.conftest import require_fused
 
 
 def _cost(
