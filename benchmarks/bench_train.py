@@ -16,7 +16,8 @@ Prints, for each model and setting, samples/s (batch size over a per-step time) 
   ceiling      the steps with nothing but their matrix products: every mm/addmm/bmm that the
                training steps of our model on ALL the pre-built batches run (forward and
                backward, recorded with their shapes and strides, in place and out= ones too;
-               the products inside our fused CPU attention kernel as the bmm's they are; on
+               the products inside our fused CPU attention kernel as the bmm's they are, a
+               ragged call's per sample (samples of equal lengths as one bmm); on
                CUDA the fused attention kernels whole) is replayed alone, each once, times
                its count: a pass / the number of batches is a per-step average over those
                batches. A pass runs after

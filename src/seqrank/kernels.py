@@ -11,8 +11,8 @@ machine, then loaded from the cache in well under a second) and returns the modu
 it is switched off or cannot be built - then the caller runs its torch fallback (the reference
 the kernel is tested against), with one warning saying why. Builds are tuned for the building
 CPU (`-march=native`), so the cache directory is keyed by the CPU's model and flags, the torch
-version and the source: a home directory shared by different machines never loads a binary
-built for another CPU.
+version and the source (its text and its path): a home directory shared by different machines
+never loads a binary built for another CPU, and two checkouts do not rebuild each other's.
 
 Environment:
     SEQRANK_FUSED_ATTENTION, SEQRANK_FUSED_ADAM: "0" turns that kernel off (default on).
@@ -76,11 +76,12 @@ def _cpu_id() -> str:
 
 
 def build_dir(name: str = "attention") -> Path:
-    """The cache directory of this machine's build of kernel `name`'s source with this torch."""
+    """The cache directory of this machine's build of kernel `name`'s source with this torch
+    (and this checkout: ninja rebuilds a directory whose recorded source path changed, so two
+    checkouts of the same source would rebuild each other's kernel on every switch)."""
     source = _spec(name)[0]
-    key = hashlib.sha256(
-        "\0".join([_cpu_id(), torch.__version__, " ".join(FLAGS), source.read_text()]).encode()
-    ).hexdigest()[:16]
+    parts = [_cpu_id(), torch.__version__, " ".join(FLAGS), str(source.resolve()), source.read_text()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = os.environ.get("SEQRANK_EXTENSIONS_DIR") or Path.home() / ".cache/seqrank/extensions"
     return Path(root) / f"{name}-{key}"
 

@@ -564,7 +564,8 @@ def test_fused_build_dir_is_keyed_by_cpu_torch_and_source(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """-march=native binaries must not be shared across CPUs: another CPU id, torch version or
-    source gives another cache directory; the same inputs the same one."""
+    source (text or path: one directory per checkout) gives another cache directory; the same
+    inputs the same one."""
     from seqrank import kernels
 
     monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
@@ -572,6 +573,14 @@ def test_fused_build_dir_is_keyed_by_cpu_torch_and_source(
     assert first.parent == tmp_path and first == kernels.build_dir("attention")
     assert kernels.build_dir("adam").name.startswith("adam-")
     monkeypatch.setattr(kernels, "_cpu_id", lambda: "another cpu")
+    assert kernels.build_dir("attention") != first
+    monkeypatch.undo()
+    monkeypatch.setenv("SEQRANK_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.build_dir("attention") == first
+    checkout = tmp_path / "another checkout"  # the same source text at another path
+    checkout.mkdir()
+    (checkout / "attention.cpp").write_text((kernels.CSRC / "attention.cpp").read_text())
+    monkeypatch.setattr(kernels, "CSRC", checkout)
     assert kernels.build_dir("attention") != first
 
 
