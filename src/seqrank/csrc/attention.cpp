@@ -93,8 +93,9 @@ struct Layout {
   int64_t prow(int64_t b, int64_t h, int64_t i) const {
     return qoff ? poff[b] + (h * lq(b) + i) * lk(b) : ((b * H + h) * Lq + i) * Lk;
   }
-  bool attends(int64_t b, int64_t j) const { return !attend || attend[b * Lk + j]; }
-  bool row(int64_t b, int64_t i) const { return !rows || rows[b * Lq + i]; }
+  // sample b's (Lk,) key mask and (Lq,) row mask, or null (every key, every row)
+  const bool* attend_of(int64_t b) const { return attend ? attend + b * Lk : nullptr; }
+  const bool* rows_of(int64_t b) const { return rows ? rows + b * Lq : nullptr; }
   // (sample, head) pairs per parallel task: ~4096 scores each
   int64_t grain() const {
     const int64_t per = qoff ? std::max<int64_t>(1, poff[B] / std::max<int64_t>(1, B * H)) : Lq * Lk;
@@ -204,15 +205,18 @@ void forward_impl(const Layout& a, const at::Tensor& q, const at::Tensor& k, con
     T* acc = mask + MK;          // (d,)
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t p0 = a.prow(b, h, 0);  // row i of P (and of the draws): p0 + i * Lk
+      const bool* att = a.attend_of(b);
+      const bool* rows = a.rows_of(b);
       load(qp + a.qat(b, sq), sq, h, Lq, d, relu, qb);
       load_t(kp + a.kat(b, sk), sk, h, Lk, d, relu, kt);
       load(vp + a.kat(b, sv), sv, h, Lk, d, relu, vb);
       for (int64_t j = 0; j < Lk; ++j)
-        mask[j] = a.attends(b, j) ? T(0) : -std::numeric_limits<T>::infinity();
+        mask[j] = !att || att[j] ? T(0) : -std::numeric_limits<T>::infinity();
       for (int64_t i = 0; i < Lq; ++i) {
-        T* s = pp + a.prow(b, h, i);  // this row of P: the scores first
+        T* s = pp + p0 + i * Lk;  // this row of P: the scores first
         T* o = op + ((a.out_row(b) + i) * H + h) * d;
-        if (!a.row(b, i) || Lk == 0) {
+        if ((rows && !rows[i]) || Lk == 0) {
           std::fill(s, s + Lk, T(0));
           std::fill(o, o + d, T(0));
           continue;
@@ -239,7 +243,7 @@ void forward_impl(const Layout& a, const at::Tensor& q, const at::Tensor& k, con
         const T inv = T(1) / sum;
         for (int64_t j = 0; j < Lk; ++j) s[j] = mask[j] == T(0) ? s[j] * inv : T(0);
         if (bp) {
-          const int16_t* br = bp + a.prow(b, h, i);
+          const int16_t* br = bp + p0 + i * Lk;
           for (int64_t j = 0; j < Lk; ++j) w[j] = br[j] >= thr ? s[j] * ks : T(0);
         } else {
           for (int64_t j = 0; j < Lk; ++j) w[j] = s[j];
@@ -288,6 +292,7 @@ void backward_impl(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
     T* w = dw + MK;           // (Lk,) dropped weights of the row
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t p0 = a.prow(b, h, 0);  // row i of P (and of the draws): p0 + i * Lk
       load(qp + a.qat(b, sq), sq, h, Lq, d, relu, qb);
       load(kp + a.kat(b, sk), sk, h, Lk, d, relu, kb);
       load_t(vp + a.kat(b, sv), sv, h, Lk, d, relu, vt);
@@ -295,7 +300,7 @@ void backward_impl(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
       std::fill(dvb, dvb + Lk * d, T(0));
       const T* gs = gp + a.qat(b, sg);
       for (int64_t i = 0; i < Lq; ++i) {
-        const T* p = pp + a.prow(b, h, i);
+        const T* p = pp + p0 + i * Lk;
         const T* g = gs + i * sg.l + h * sg.h;
         T* dqr = dqb + i * d;
         // dw = g v^T (times the dropout's mask and scale)
@@ -306,7 +311,7 @@ void backward_impl(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
           for (int64_t j = 0; j < Lk; ++j) dw[j] += gc * vr[j];
         }
         if (bp) {
-          const int16_t* br = bp + a.prow(b, h, i);
+          const int16_t* br = bp + p0 + i * Lk;
           for (int64_t j = 0; j < Lk; ++j) {
             const T keep = br[j] >= thr ? ks : T(0);
             dw[j] *= keep;
@@ -475,21 +480,24 @@ void forward_fast(const Layout& a, const at::Tensor& q, const at::Tensor& k, con
     float* sf = reinterpret_cast<float*>(s);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t p0 = a.prow(b, h, 0);  // row i of P (and of the draws): p0 + i * Lk
       const int64_t Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
+      const bool* att = a.attend_of(b);
+      const bool* rows = a.rows_of(b);
       vload(qp + a.qat(b, sq), sq, h, Lq, nd, relu, qb);
       vload_t(kp + a.kat(b, sk), sk, h, Lk, Lp, d, relu, kt);
       vload(vp + a.kat(b, sv), sv, h, Lk, nd, relu, vb);
       bool any = false;
       for (int64_t j = 0; j < Lp; ++j) {
-        const bool att = j < Lk && a.attends(b, j);
-        any |= att;
-        addf[j] = att ? 0.0f : -1e30f;
-        keepf[j] = att ? 1.0f : 0.0f;
+        const bool on = j < Lk && (!att || att[j]);
+        any |= on;
+        addf[j] = on ? 0.0f : -1e30f;
+        keepf[j] = on ? 1.0f : 0.0f;
       }
       for (int64_t i = 0; i < Lq; ++i) {
-        float* prow = pp + a.prow(b, h, i);
+        float* prow = pp + p0 + i * Lk;
         float* o = op + ((a.out_row(b) + i) * H + h) * d;
-        if (!any || !a.row(b, i)) {  // a zero row
+        if (!any || (rows && !rows[i])) {  // a zero row
           std::fill(prow, prow + Lk, 0.0f);
           std::fill(o, o + d, 0.0f);
           continue;
@@ -519,7 +527,7 @@ void forward_fast(const Layout& a, const at::Tensor& q, const at::Tensor& k, con
         std::memcpy(prow, sf, Lk * sizeof(float));
         const float* wr = sf;
         if (bp) {
-          const int16_t* br = bp + a.prow(b, h, i);
+          const int16_t* br = bp + p0 + i * Lk;
           v8* wv = reinterpret_cast<v8*>(w);
           for (int64_t u = 0; u < nk; ++u) wv[u] = s[u] * keep_factor(br, u, Lk, thr, ks);
           wr = w;
@@ -579,6 +587,7 @@ void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
     float* pf = reinterpret_cast<float*>(p);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t b = n / H, h = n % H, Lq = a.lq(b), Lk = a.lk(b);
+      const int64_t p0 = a.prow(b, h, 0);  // row i of P (and of the draws): p0 + i * Lk
       const int64_t Lp = (Lk + 7) / 8 * 8, nk = Lp / 8;
       vload(qp + a.qat(b, sq), sq, h, Lq, nd, relu, qb);
       vload(kp + a.kat(b, sk), sk, h, Lk, nd, relu, kb);
@@ -588,7 +597,7 @@ void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
       for (int64_t u = 0; u < nk; ++u) p[u] = splat(0.0f);
       const float* gs0 = gp + a.qat(b, sg);
       for (int64_t i = 0; i < Lq; ++i) {
-        std::memcpy(pf, pp + a.prow(b, h, i), Lk * sizeof(float));
+        std::memcpy(pf, pp + p0 + i * Lk, Lk * sizeof(float));
         const float* g = gs0 + i * sg.l + h * sg.h;
         v8 gv[ND], gs[8 * ND];
         for (int c = 0; c < ND; ++c) gv[c] = ld(g + 8 * c);
@@ -605,7 +614,7 @@ void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
         }
         const float* wr = pf;
         if (bp) {
-          const int16_t* br = bp + a.prow(b, h, i);
+          const int16_t* br = bp + p0 + i * Lk;
           v8* wv = reinterpret_cast<v8*>(w);
           for (int64_t u = 0; u < nk; ++u) {
             const v8 kf = keep_factor(br, u, Lk, thr, ks);
