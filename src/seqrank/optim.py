@@ -338,8 +338,8 @@ def resolve_sparse_embeddings(
     gradient, up to the order in which a repeated row's gradients are summed), the C++ kernel,
     tables on the CPU in float32/64, one process (DDP would all-reduce sparse tensors), no
     `torch.compile` and no gradient scaler. Measured on a 2-core CPU, in-process A/B of whole
-    steps (README "Performance"): 0.72-1.00x the dense step's time for ATRank and 0.95-0.98x
-    for BST at batch 32-1024, history 20-50.
+    steps (docs/performance.md, "Dense Adam from row gradients"): 0.72-1.00x the dense step's
+    time for ATRank and 0.95-0.98x for BST at batch 32-1024, history 20-50.
 
     Args:
         module: the net; its tables marked "auto" are switched (others are left alone).
