@@ -631,22 +631,41 @@ def _ragged_reference(q, kv, q_lengths, k_lengths, p, bits):  # noqa: ANN001, AN
 @pytest.mark.parametrize("d", [16, 12])  # the vectorised float32 path, and a width that is not
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("kind", ["self", "cross"])
+# cross: one query a sample or so (the per-head path), or several (the head-lanes path when the
+# heads are a multiple of 8, as self-attention)
+@pytest.mark.parametrize("kind", ["self", "cross", "cross_many"])
+@pytest.mark.parametrize("H", [2, 8, 16])  # per-head vectors; 8 heads a vector (one / two groups)
 def test_ragged_attention_is_each_sample_alone(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str,
+    H: int,
 ) -> None:
     """Sequences of lengths 0 to 19 one after another (keys padded to multiples of 8 inside the
-    kernel, samples without keys): outputs and gradients of q, k and v equal each sample's
-    attention computed alone, with its block of the flat dropout draws."""
+    per-head path, samples without keys or without queries): outputs and gradients of q, k and v
+    equal each sample's attention computed alone, with its block of the flat dropout draws."""
+    _check_ragged_each_sample_alone(monkeypatch, dtype, d, p, relu, kind, H)
+
+
+@pytest.mark.parametrize("d", [8, 32, 64])
+@pytest.mark.parametrize("kind", ["self", "cross_many"])
+def test_ragged_head_lanes_widths(monkeypatch: pytest.MonkeyPatch, d: int, kind: str) -> None:
+    """The head-lanes path at its other head widths (one, four and eight 8 x 8 blocks a token)."""
+    _check_ragged_each_sample_alone(monkeypatch, torch.float32, d, 0.3, True, kind, 8)
+
+
+def _check_ragged_each_sample_alone(  # noqa: PLR0913
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str,
+    H: int,
+) -> None:
     require_fused()
     monkeypatch.setattr(attention_module, "FUSED", True)
     drawn = []
     real_bits = attention_module.random_bits16
     monkeypatch.setattr(attention_module, "random_bits16", lambda s: drawn.append(real_bits(s)) or drawn[-1])
     torch.manual_seed(0)
-    H = 2
     k_lengths = [3, 0, 19, 1, 8, 9, 0, 5]
-    q_lengths = k_lengths if kind == "self" else [1, 2, 1, 0, 3, 1, 1, 1]
+    q_lengths = {
+        "self": k_lengths, "cross": [1, 2, 1, 0, 3, 1, 1, 1], "cross_many": [4, 2, 6, 0, 3, 5, 1, 2],
+    }[kind]
     k_offsets = torch.tensor([0, *itertools.accumulate(k_lengths)])
     q_offsets = torch.tensor([0, *itertools.accumulate(q_lengths)])
     kv = (torch.randn(sum(k_lengths), 3, H, d, dtype=dtype) * 2).requires_grad_()

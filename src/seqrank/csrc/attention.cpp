@@ -17,7 +17,9 @@
 // q (Rq, H, d), k, v (Rk, H, d); q_offsets, k_offsets (B + 1) int64, sample b's queries are rows
 // q_offsets[b]..q_offsets[b+1] and its keys k_offsets[b]..k_offsets[b+1], every key attended (a
 // sample without keys gets zero outputs); P and bits are flat, sample b's (H, Lq_b, Lk_b) block
-// after sample b-1's; out (Rq, H, d).
+// after sample b-1's; out (Rq, H, d). With a multiple of 8 heads and several queries a sample
+// (self-attention), float32 runs the head-lanes path (8 heads a vector), and P's order inside a
+// sample's block is then lane-major: P is the kernel's own, read only by the matching backward.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -674,6 +676,293 @@ void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
   });
 }
 
+// ---- head lanes: the ragged float path when H is a multiple of 8. The 8 heads of a group ride
+// in the 8 lanes of a vector, so every score, weight and output of one (query, key) pair is one
+// vector for 8 heads: the softmax needs no horizontal max or sum, no lane is spent on keys padded
+// to a multiple of 8, and one task serves 8 heads. Each token's (8 heads x d) block is transposed
+// on load (8 x 8 blocks through shuffles) and back on store. P is lane-major here: in sample b's
+// block, group g's weights are (Lq, Lk, 8) (the dropout draws keep the (h, i, j) order of the
+// other paths, so every path drops the same weights).
+typedef int32_t v8m __attribute__((vector_size(32)));
+
+// r[i][j] -> r[j][i]: three rounds of two-source shuffles
+inline void transpose8(v8* r) {
+  const v8m lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+  const v8m lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8m lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+  v8 s[8], t[8];
+  for (int i = 0; i < 8; i += 2) {
+    s[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+    s[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    t[i] = __builtin_shuffle(s[i], s[i + 2], lo2);
+    t[i + 2] = __builtin_shuffle(s[i], s[i + 2], hi2);
+    t[i + 1] = __builtin_shuffle(s[i + 1], s[i + 3], lo2);
+    t[i + 3] = __builtin_shuffle(s[i + 1], s[i + 3], hi2);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(t[i], t[i + 4], lo3);
+    r[i + 4] = __builtin_shuffle(t[i], t[i + 4], hi3);
+  }
+}
+
+// L tokens of one head group (`base`: head 0 of the group in the first token) into lane-major
+// (L, d) vectors, out[l * d + c] = feature c of the 8 heads; ReLU'd with `relu`
+inline void lanes_load(const float* base, Strided s, int64_t L, int64_t d, bool relu, v8* out) {
+  const v8 zero = splat(0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    const float* t = base + l * s.l;
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      v8 r[8];
+      for (int h = 0; h < 8; ++h) r[h] = ld(t + h * s.h + c0);
+      transpose8(r);
+      v8* o = out + l * d + c0;
+      for (int c = 0; c < 8; ++c) o[c] = relu ? (r[c] > zero ? r[c] : zero) : r[c];
+    }
+  }
+}
+
+// lane-major (L, d) gradients back into a strided view of the same layout as the input;
+// with `relu`, zero where the pre-activation (`pre`, strides sp) <= 0
+inline void lanes_store(const v8* grad, const float* pre, Strided sp, float* base, Strided s,
+                        int64_t L, int64_t d, bool relu) {
+  const v8 zero = splat(0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      v8 r[8];
+      for (int c = 0; c < 8; ++c) r[c] = grad[l * d + c0 + c];
+      transpose8(r);
+      for (int h = 0; h < 8; ++h) {
+        float* dst = base + l * s.l + h * s.h + c0;
+        st(dst, relu ? (ld(pre + l * sp.l + h * sp.h + c0) > zero ? r[h] : zero) : r[h]);
+      }
+    }
+  }
+}
+
+// the dropout factors of query i's keys for the 8 heads of a group, lane-major: out[j] = the
+// factors of key j (`bg`: the group's (8, Lq, Lk) draws); 8 keys at a time, one row of draws per
+// head, then transposed
+inline void keep_lanes(const int16_t* bg, int64_t i, int64_t Lq, int64_t Lk, int16_t thr, float ks,
+                       v8* out) {
+  for (int64_t u = 0; 8 * u < Lk; ++u) {
+    v8 r[8];
+    for (int h = 0; h < 8; ++h) r[h] = keep_factor(bg + (h * Lq + i) * Lk, u, Lk, thr, ks);
+    transpose8(r);
+    for (int64_t j = 8 * u; j < std::min<int64_t>(Lk, 8 * u + 8); ++j) out[j] = r[j - 8 * u];
+  }
+}
+
+// (sample, head group) tasks per parallel chunk: ~32k scores each
+inline int64_t lanes_grain(const Layout& a) {
+  const int64_t tasks = std::max<int64_t>(1, a.B * (a.H / 8));
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.poff[a.B] / tasks));
+}
+
+template <int ND>
+void forward_lanes(const Layout& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   Strided sq, Strided sk, Strided sv, const at::Tensor& bits, int64_t threshold,
+                   double keep_scale, double scale, bool relu, at::Tensor& out, at::Tensor& P) {
+  constexpr int64_t d = 8 * ND;
+  const int64_t H = a.H, G = H / 8;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  float* op = out.data_ptr<float>();  // (rows, H, d) contiguous
+  float* pp = P.data_ptr<float>();
+  const float ks = static_cast<float>(keep_scale);
+  const v8 sc = splat(static_cast<float>(scale)), zero = splat(0.0f);
+  const int16_t thr = static_cast<int16_t>(threshold);
+  const Strided so{0, H * d, d};
+
+  at::parallel_for(0, a.B * G, lanes_grain(a), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk;
+    std::vector<v8> buf(MQ * d + 2 * MK * d + 2 * MK);
+    v8* qb = buf.data();   // (Lq, d) queries, scaled
+    v8* kb = qb + MQ * d;  // (Lk, d)
+    v8* vb = kb + MK * d;  // (Lk, d)
+    v8* s = vb + MK * d;   // (Lk,) one query's scores, then weights
+    v8* kf = s + MK;       // (Lk,) one query's dropout factors
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / G, g0 = (n % G) * 8, Lq = a.lq(b), Lk = a.lk(b);
+      float* ob = op + a.qoff[b] * H * d + g0 * d;  // this group's heads of the first query
+      if (Lk == 0) {  // no keys: zero outputs (and no weights)
+        for (int64_t i = 0; i < Lq; ++i)
+          for (int64_t h = 0; h < 8; ++h) std::fill(ob + i * H * d + h * d, ob + i * H * d + (h + 1) * d, 0.0f);
+        continue;
+      }
+      lanes_load(qp + a.qat(b, sq) + g0 * sq.h, sq, Lq, d, relu, qb);
+      for (int64_t x = 0; x < Lq * d; ++x) qb[x] *= sc;
+      lanes_load(kp + a.kat(b, sk) + g0 * sk.h, sk, Lk, d, relu, kb);
+      lanes_load(vp + a.kat(b, sv) + g0 * sv.h, sv, Lk, d, relu, vb);
+      float* pg = pp + a.poff[b] + g0 * Lq * Lk;  // (Lq, Lk, 8)
+      const int16_t* bg = bp ? bp + a.poff[b] + g0 * Lq * Lk : nullptr;  // (8, Lq, Lk)
+      for (int64_t i = 0; i < Lq; ++i) {
+        const v8* qr = qb + i * d;
+        v8 mx = splat(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < Lk; ++j) {  // scores: two chains of FMAs
+          const v8* kr = kb + j * d;
+          v8 a0 = zero, a1 = zero;
+          for (int c = 0; c < d; c += 2) {
+            a0 += qr[c] * kr[c];
+            a1 += qr[c + 1] * kr[c + 1];
+          }
+          s[j] = a0 + a1;
+          mx = s[j] > mx ? s[j] : mx;
+        }
+        v8 sum = zero;
+        for (int64_t j = 0; j < Lk; ++j) {
+          s[j] = vexp_neg(s[j] - mx);
+          sum += s[j];
+        }
+        const v8 inv = 1.0f / sum;
+        float* prow = pg + i * Lk * 8;
+        for (int64_t j = 0; j < Lk; ++j) {
+          s[j] *= inv;
+          st(prow + j * 8, s[j]);
+        }
+        if (bg) {
+          keep_lanes(bg, i, Lq, Lk, thr, ks, kf);
+          for (int64_t j = 0; j < Lk; ++j) s[j] *= kf[j];
+        }
+        v8 acc[d];
+        for (int c = 0; c < d; ++c) acc[c] = zero;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const v8 w = s[j];
+          const v8* vr = vb + j * d;
+          for (int c = 0; c < d; ++c) acc[c] += w * vr[c];
+        }
+        lanes_store(acc, nullptr, so, ob + i * H * d, so, 1, d, false);
+      }
+    }
+  });
+}
+
+// Two passes per task so that every accumulator stays in registers: per query i, dw = g_i V^T,
+// the softmax backward ds_i, dq_i = ds_i K (the weights after dropout w_i and ds_i kept); then
+// per key j, dk_j = sum_i ds_ij q_i and dv_j = sum_i w_ij g_i.
+template <int ND>
+void backward_lanes(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& v, Strided sg, Strided sq, Strided sk,
+                    Strided sv, const at::Tensor& P, const at::Tensor& bits, int64_t threshold,
+                    double keep_scale, double scale, bool relu, at::Tensor& dq, Strided sdq,
+                    at::Tensor& dk, Strided sdk, at::Tensor& dv, Strided sdv) {
+  constexpr int64_t d = 8 * ND;
+  const int64_t H = a.H, G = H / 8;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const float* pp = P.data_ptr<float>();
+  const int16_t* bp = bits.numel() ? bits.data_ptr<int16_t>() : nullptr;
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float ks = static_cast<float>(keep_scale);
+  const v8 sc = splat(static_cast<float>(scale)), zero = splat(0.0f);
+  const int16_t thr = static_cast<int16_t>(threshold);
+
+  at::parallel_for(0, a.B * G, lanes_grain(a), [&](int64_t begin, int64_t end) {
+    const int64_t MQ = a.Lq, MK = a.Lk;
+    std::vector<v8> buf(2 * MQ * d + 3 * MK * d + (bp ? 2 : 1) * MQ * MK + MK);
+    v8* qb = buf.data();         // (Lq, d)
+    v8* gb = qb + MQ * d;        // (Lq, d) the outputs' gradient
+    v8* kb = gb + MQ * d;        // (Lk, d)
+    v8* vb = kb + MK * d;        // (Lk, d)
+    v8* dkb = vb + MK * d;       // (Lk, d) one key's dk or dv at a time, then stored
+    v8* ds = dkb + MK * d;       // (Lq, Lk) the scores' gradient
+    v8* wd = bp ? ds + MQ * MK : nullptr;  // (Lq, Lk) the weights after dropout
+    v8* kf = ds + (bp ? 2 : 1) * MQ * MK;  // (Lk,) one query's dropout factors
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / G, g0 = (n % G) * 8, Lq = a.lq(b), Lk = a.lk(b);
+      const float* qs = qp + a.qat(b, sq) + g0 * sq.h;
+      float* dqs = dqp + a.qat(b, sdq) + g0 * sdq.h;
+      if (Lk == 0) {  // no keys: the outputs were zeros
+        for (int64_t i = 0; i < Lq; ++i)
+          for (int64_t h = 0; h < 8; ++h) {
+            float* r = dqs + i * sdq.l + h * sdq.h;
+            std::fill(r, r + d, 0.0f);
+          }
+        continue;
+      }
+      lanes_load(qs, sq, Lq, d, relu, qb);
+      lanes_load(gp + a.qat(b, sg) + g0 * sg.h, sg, Lq, d, false, gb);
+      lanes_load(kp + a.kat(b, sk) + g0 * sk.h, sk, Lk, d, relu, kb);
+      lanes_load(vp + a.kat(b, sv) + g0 * sv.h, sv, Lk, d, relu, vb);
+      const float* pg = pp + a.poff[b] + g0 * Lq * Lk;  // (Lq, Lk, 8)
+      const int16_t* bg = bp ? bp + a.poff[b] + g0 * Lq * Lk : nullptr;
+      for (int64_t i = 0; i < Lq; ++i) {
+        v8 gr[d];
+        for (int c = 0; c < d; ++c) gr[c] = gb[i * d + c];
+        v8* dsr = ds + i * Lk;
+        const float* prow = pg + i * Lk * 8;
+        if (bg) keep_lanes(bg, i, Lq, Lk, thr, ks, kf);
+        v8 dot = zero;
+        for (int64_t j = 0; j < Lk; ++j) {  // dw = g v^T, two chains of FMAs
+          const v8 p = ld(prow + j * 8);
+          const v8* vr = vb + j * d;
+          v8 a0 = zero, a1 = zero;
+          for (int c = 0; c < d; c += 2) {
+            a0 += gr[c] * vr[c];
+            a1 += gr[c + 1] * vr[c + 1];
+          }
+          v8 dw = a0 + a1;
+          if (bg) {
+            dw *= kf[j];
+            wd[i * Lk + j] = p * kf[j];
+          }
+          dsr[j] = dw;
+          dot += p * dw;
+        }
+        // softmax backward, the score scale folded in: ds = p (dw - <p, dw>) scale; dq = ds K
+        v8 acc[d];
+        for (int c = 0; c < d; ++c) acc[c] = zero;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const v8 dsj = ld(prow + j * 8) * (dsr[j] - dot) * sc;
+          dsr[j] = dsj;
+          const v8* kr = kb + j * d;
+          for (int c = 0; c < d; ++c) acc[c] += dsj * kr[c];
+        }
+        lanes_store(acc, qs + i * sq.l, sq, dqs + i * sdq.l, sdq, 1, d, relu);
+      }
+      for (int64_t j = 0; j < Lk; ++j) {  // dk_j = sum_i ds_ij q_i, dv_j = sum_i w_ij g_i
+        v8 acc[d];
+        for (int c = 0; c < d; ++c) acc[c] = zero;
+        for (int64_t i = 0; i < Lq; ++i) {
+          const v8 x = ds[i * Lk + j];
+          const v8* qr = qb + i * d;
+          for (int c = 0; c < d; ++c) acc[c] += x * qr[c];
+        }
+        for (int c = 0; c < d; ++c) dkb[j * d + c] = acc[c];
+      }
+      lanes_store(dkb, kp + a.kat(b, sk) + g0 * sk.h, sk, dkp + a.kat(b, sdk) + g0 * sdk.h, sdk, Lk,
+                  d, relu);
+      for (int64_t j = 0; j < Lk; ++j) {
+        v8 acc[d];
+        for (int c = 0; c < d; ++c) acc[c] = zero;
+        for (int64_t i = 0; i < Lq; ++i) {
+          const v8 x = wd ? wd[i * Lk + j] : ld(pg + (i * Lk + j) * 8);
+          const v8* gr = gb + i * d;
+          for (int c = 0; c < d; ++c) acc[c] += x * gr[c];
+        }
+        for (int c = 0; c < d; ++c) dkb[j * d + c] = acc[c];
+      }
+      lanes_store(dkb, vp + a.kat(b, sv) + g0 * sv.h, sv, dvp + a.kat(b, sdv) + g0 * sdv.h, sdv, Lk,
+                  d, relu);
+    }
+  });
+}
+
+// the head-lanes path: ragged float attention with a multiple of 8 heads
+// (self-attention-like: at least two queries a sample on average; with one query, as in a target
+// attention, transposing every key and value costs more than the per-head path's horizontal sums)
+inline bool lanes(const Layout& a, const at::Tensor& q, bool ragged) {
+  return ragged && q.scalar_type() == at::kFloat && a.H % 8 == 0 &&
+         (a.d == 8 || a.d == 16 || a.d == 32 || a.d == 64) && q.size(0) >= 2 * a.B;
+}
+
 inline bool fast(const at::Tensor& q, int64_t d) {
   return q.scalar_type() == at::kFloat && (d == 8 || d == 16 || d == 32 || d == 64);
 }
@@ -715,6 +1004,13 @@ std::vector<at::Tensor> run_forward(const Layout& a, const at::Tensor& q, const 
                 sv = strides_of(v, "v", ragged);
   TORCH_CHECK(!bits.numel() || bits.numel() == P.numel(), "fused attention: bits hold ",
               bits.numel(), " draws for ", P.numel(), " weights");
+  if (lanes(a, q, ragged)) {
+    with_nd(a.d, [&](auto nd) {
+      forward_lanes<decltype(nd)::value>(a, q, k, v, sq, sk, sv, bits, threshold, keep_scale,
+                                         scale, relu, out, P);
+    });
+    return {out, P};
+  }
   if (fast(q, a.d)) {
     with_nd(a.d, [&](auto nd) {
       forward_fast<decltype(nd)::value>(a, q, k, v, sq, sk, sv, bits, threshold, keep_scale,
@@ -743,6 +1039,13 @@ void run_backward(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
                 sv = strides_of(v, "v", ragged), sg = strides_of(grad, "grad", ragged),
                 sdq = strides_of(dq, "dq", ragged), sdk = strides_of(dk, "dk", ragged),
                 sdv = strides_of(dv, "dv", ragged);
+  if (lanes(a, q, ragged)) {
+    with_nd(a.d, [&](auto nd) {
+      backward_lanes<decltype(nd)::value>(a, grad, q, k, v, sg, sq, sk, sv, P, bits, threshold,
+                                          keep_scale, scale, relu, dq, sdq, dk, sdk, dv, sdv);
+    });
+    return;
+  }
   if (fast(q, a.d)) {
     with_nd(a.d, [&](auto nd) {
       backward_fast<decltype(nd)::value>(a, grad, q, k, v, sg, sq, sk, sv, P, bits, threshold,
