@@ -683,27 +683,32 @@ void backward_fast(const Layout& a, const at::Tensor& grad, const at::Tensor& q,
 // on load (8 x 8 blocks through shuffles) and back on store. P is lane-major here: in sample b's
 // block, group g's weights are (Lq, Lk, 8) (the dropout draws keep the (h, i, j) order of the
 // other paths, so every path drops the same weights).
+// two-source shuffles of 8 floats with constant indices (GCC before 12 lacks clang's builtin)
+#if defined(__clang__)
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
 typedef int32_t v8m __attribute__((vector_size(32)));
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shuffle(a, b, v8m{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
 
 // r[i][j] -> r[j][i]: three rounds of two-source shuffles
 inline void transpose8(v8* r) {
-  const v8m lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
-  const v8m lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8m lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
   v8 s[8], t[8];
   for (int i = 0; i < 8; i += 2) {
-    s[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
-    s[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+    s[i] = SHUFFLE8(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    s[i + 1] = SHUFFLE8(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
   }
   for (int i = 0; i < 8; i += 4) {
-    t[i] = __builtin_shuffle(s[i], s[i + 2], lo2);
-    t[i + 2] = __builtin_shuffle(s[i], s[i + 2], hi2);
-    t[i + 1] = __builtin_shuffle(s[i + 1], s[i + 3], lo2);
-    t[i + 3] = __builtin_shuffle(s[i + 1], s[i + 3], hi2);
+    t[i] = SHUFFLE8(s[i], s[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    t[i + 2] = SHUFFLE8(s[i], s[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    t[i + 1] = SHUFFLE8(s[i + 1], s[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    t[i + 3] = SHUFFLE8(s[i + 1], s[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
   }
   for (int i = 0; i < 4; ++i) {
-    r[i] = __builtin_shuffle(t[i], t[i + 4], lo3);
-    r[i + 4] = __builtin_shuffle(t[i], t[i + 4], hi3);
+    r[i] = SHUFFLE8(t[i], t[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = SHUFFLE8(t[i], t[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
