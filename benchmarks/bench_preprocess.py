@@ -158,7 +158,9 @@ def run(code: str, *args: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--users", type=int, default=192_403)
     p.add_argument("--items", type=int, default=63_001)
     p.add_argument("--cates", type=int, default=801)
@@ -168,8 +170,13 @@ def main() -> None:
     a = p.parse_args()
     from seqrank.data.synthetic import SyntheticAmazonSpec, generate_amazon
 
-    spec = SyntheticAmazonSpec(num_users=a.users, num_items=a.items, num_cates=a.cates,
-                               mean_events=a.mean_events, frac_items_without_meta=0.0)
+    spec = SyntheticAmazonSpec(
+        num_users=a.users,
+        num_items=a.items,
+        num_cates=a.cates,
+        mean_events=a.mean_events,
+        frac_items_without_meta=0.0,
+    )
     raw = Path(a.work_dir) / f"raw_{a.users}_{a.items}"
     t = time.perf_counter()
     if not (raw / "reviews_Synthetic_5.json.gz").exists():
@@ -186,16 +193,32 @@ def main() -> None:
             rows.append(("pandas DIN/ATRank recipe", run(PANDAS, str(raw), str(work / "din"))))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = Table(title=f"Amazon preprocessing: {lines:,} review lines, {a.items:,} meta lines (generated in {gen_s:.0f}s)")
-    for c in ("implementation", "wall s", "peak RSS MiB", "samples (train/val/test)", "speed-up vs pandas"):
+    table = Table(
+        title=f"Amazon preprocessing: {lines:,} review lines, {a.items:,} meta lines (generated in {gen_s:.0f}s)"
+    )
+    for c in (
+        "implementation",
+        "wall s",
+        "peak RSS MiB",
+        "samples (train/val/test)",
+        "speed-up vs pandas",
+    ):
         table.add_column(c, justify="right")
     ref = rows[-1][1]["seconds"] if len(rows) > 1 else float("nan")
     for name, res in rows:
         sizes = "/".join(f"{res['samples'].get(k, 0):,}" for k in ("train", "val", "test"))
-        table.add_row(name, f"{res['seconds']:.1f}", f"{res['peak_mib']:.0f}", sizes, f"{ref / res['seconds']:.1f}x")
+        table.add_row(
+            name,
+            f"{res['seconds']:.1f}",
+            f"{res['peak_mib']:.0f}",
+            sizes,
+            f"{ref / res['seconds']:.1f}x",
+        )
     rich.console.Console(width=220).print(table)
-    print(f"seqrank setup() (memory-maps the store): {rows[0][1]['setup_s']:.2f}s. Splits differ by protocol: "
-          "seqrank loo (val = second-last), DIN train/test (test counted as pos+neg rows).")
+    print(
+        f"seqrank setup() (memory-maps the store): {rows[0][1]['setup_s']:.2f}s. Splits differ by protocol: "
+        "seqrank loo (val = second-last), DIN train/test (test counted as pos+neg rows)."
+    )
 
 
 if __name__ == "__main__":

@@ -529,7 +529,15 @@ class RecordFusedAttention:
         self.flops = 0
 
     def _count(  # noqa: PLR0913
-        self, B: int, Lq: int, Lk: int, H: int, d: int, dtype, backward: bool, flops: int | None = None  # noqa: ANN001
+        self,
+        B: int,
+        Lq: int,
+        Lk: int,
+        H: int,
+        d: int,
+        dtype,
+        backward: bool,
+        flops: int | None = None,  # noqa: ANN001
     ) -> None:
         """Records the products of B samples' (Lq, Lk) heads as (B*H) bmm's; their FLOPs, or
         `flops` per product pair (S, O: 2 H d sum(Lq Lk)) when the shapes stand in for others."""
@@ -869,9 +877,7 @@ def main() -> None:
     console = rich.console.Console(width=220)  # every column of the table, also when piped
     console.print(f"training histories ({a.lengths} lengths): " + "; ".join(lines))
     rows = [
-        bench(
-            m, B, h, dm, a.steps, a.precision, e, a.compile, a.batches, a.length_groups
-        )
+        bench(m, B, h, dm, a.steps, a.precision, e, a.compile, a.batches, a.length_groups)
         for m in a.models
         for e in a.embeddings
         for B in a.batch

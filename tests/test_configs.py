@@ -25,12 +25,21 @@ def test_model_data_compose_and_instantiate(model: str, data: str, tmp_path: Pat
     assert dm.name == cfg.data.name
     # A Schema shaped like the data source sizes the net without touching raw files.
     behaviors = 5 if "taobao" in data else 2
-    schema = Schema(name=data, num_users=30, num_items=50, num_cates=7, num_behaviors=behaviors,
-                    behavior_names=("pv", "buy", "cart", "fav")[: behaviors - 1], protocol="loo")
+    schema = Schema(
+        name=data,
+        num_users=30,
+        num_items=50,
+        num_cates=7,
+        num_behaviors=behaviors,
+        behavior_names=("pv", "buy", "cart", "fav")[: behaviors - 1],
+        protocol="loo",
+    )
     net = hydra.utils.instantiate(cfg.model.net)(schema)
     module = hydra.utils.instantiate(cfg.model, net=net)
     opt = module.configure_optimizers()
-    assert isinstance(opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"], torch.optim.Optimizer)
+    assert isinstance(
+        opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"], torch.optim.Optimizer
+    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -55,8 +64,15 @@ def test_eval_config_needs_ckpt(tmp_path: Path) -> None:
 
 def test_bad_heads_fail_before_work(tmp_path: Path) -> None:
     cfg = compose_cfg("train.yaml", [*TINY_DATA, "model.net.num_heads=3"], tmp_path)
-    schema = Schema(name="t", num_users=3, num_items=5, num_cates=3, num_behaviors=2,
-                    behavior_names=("review",), protocol="loo")
+    schema = Schema(
+        name="t",
+        num_users=3,
+        num_items=5,
+        num_cates=3,
+        num_behaviors=2,
+        behavior_names=("review",),
+        protocol="loo",
+    )
     with pytest.raises(ValueError, match=r"num_heads=3.*128"):
         hydra.utils.instantiate(cfg.model.net)(schema)
 

@@ -50,8 +50,15 @@ def _net(model: str) -> nn.Module:
     """A small model without dropout whose batches always split into length groups."""
     torch.manual_seed(0)
     if model == "bst":
-        net = BST(SCHEMA, embed_dim=16, num_heads=2, num_layers=1, dropout=0.0, max_len=16,
-                  mlp_dims=[32, 16])
+        net = BST(
+            SCHEMA,
+            embed_dim=16,
+            num_heads=2,
+            num_layers=1,
+            dropout=0.0,
+            max_len=16,
+            mlp_dims=[32, 16],
+        )
     else:
         net = ATRank(SCHEMA, embed_dim=16, num_heads=2, num_layers=1, max_len=16)
     net.group_cost = 1  # groups cost (almost) nothing: every mixed-length batch is split
@@ -86,7 +93,11 @@ def test_training_step_matches_the_float64_padded_model(device: str, model: str)
     assert grads.keys() == want_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(
-            g.cpu().double(), want_grads[name], atol=2e-5, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}"
+            g.cpu().double(),
+            want_grads[name],
+            atol=2e-5,
+            rtol=1e-3,
+            msg=lambda m, n=name: f"{n}: {m}",
         )
 
 
@@ -115,12 +126,22 @@ def test_bf16_mixed_run_through_the_configs(tmp_path: Path, device: str, model: 
     """The README's mixed-precision command on the device, store on the device: a full run
     (train, validate, test) of the tiny data ends with finite metrics."""
     trainer = "cpu" if device == "cpu" else "gpu"
-    model_overrides = TINY_MODEL if model == "bst" else ["model.net.embed_dim=8", "model.net.num_heads=2"]
+    model_overrides = (
+        TINY_MODEL if model == "bst" else ["model.net.embed_dim=8", "model.net.num_heads=2"]
+    )
     cfg = compose_cfg(
         "train.yaml",
-        [*TINY_DATA, f"model={model}", *model_overrides, f"trainer={trainer}",
-         "trainer.precision=bf16-mixed", "data.device_store=true", "trainer.max_epochs=1",
-         "callbacks=none", "~logger"],
+        [
+            *TINY_DATA,
+            f"model={model}",
+            *model_overrides,
+            f"trainer={trainer}",
+            "trainer.precision=bf16-mixed",
+            "data.device_store=true",
+            "trainer.max_epochs=1",
+            "callbacks=none",
+            "~logger",
+        ],
         tmp_path,
     )
     with open_dict(cfg):

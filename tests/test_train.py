@@ -21,13 +21,22 @@ def test_fast_dev_run(cfg_train_tiny) -> None:
 
 
 def test_train_then_eval_round_trip(tmp_path: Path) -> None:
-    cfg = compose_cfg("train.yaml", [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "trainer.max_epochs=2"], tmp_path)
+    cfg = compose_cfg(
+        "train.yaml", [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "trainer.max_epochs=2"], tmp_path
+    )
     metrics, objs = train(cfg)
     out = Path(cfg.paths.output_dir)
     ckpt = metrics["best_ckpt"]
     assert Path(ckpt).exists() and (out / "checkpoints" / "last.ckpt").exists()
     assert (out / "csv" / "metrics.csv").exists()
-    for key in ("val/auc", "val/gauc", "val/pairwise_auc", "val/logloss", "test/auc", "test/pairwise_auc"):
+    for key in (
+        "val/auc",
+        "val/gauc",
+        "val/pairwise_auc",
+        "val/logloss",
+        "test/auc",
+        "test/pairwise_auc",
+    ):
         assert key in metrics, key
     assert "test/oracle_pairwise_auc" in metrics and "test/popularity_pairwise_auc" in metrics
     assert metrics["test/num_samples"] == objs["datamodule"].schema.split_sizes["test"]
@@ -41,8 +50,18 @@ def test_train_then_eval_round_trip(tmp_path: Path) -> None:
 def test_seeded_runs_reproduce(tmp_path: Path) -> None:
     results = []
     for run in ("a", "b"):
-        cfg = compose_cfg("train.yaml", [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "trainer.max_epochs=1",
-                                         "callbacks=none", "~logger"], tmp_path / run)
+        cfg = compose_cfg(
+            "train.yaml",
+            [
+                *TINY_DATA,
+                *TINY_MODEL,
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                "callbacks=none",
+                "~logger",
+            ],
+            tmp_path / run,
+        )
         with open_dict(cfg):
             cfg.paths.data_dir = str(tmp_path / "shared_data")
         metrics, _ = train(cfg)
@@ -55,9 +74,19 @@ def test_device_store_trains_to_the_same_metrics(tmp_path: Path) -> None:
     very same run as the host gather: same batches, so the same metrics (on CPU here)."""
     results = []
     for run, device_store in (("host", "false"), ("device", "true")):
-        cfg = compose_cfg("train.yaml", [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "trainer.max_epochs=1",
-                                         "callbacks=none", "~logger", f"data.device_store={device_store}"],
-                          tmp_path / run)
+        cfg = compose_cfg(
+            "train.yaml",
+            [
+                *TINY_DATA,
+                *TINY_MODEL,
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                "callbacks=none",
+                "~logger",
+                f"data.device_store={device_store}",
+            ],
+            tmp_path / run,
+        )
         with open_dict(cfg):
             cfg.paths.data_dir = str(tmp_path / "shared_data")
         metrics, _ = train(cfg)
@@ -68,7 +97,10 @@ def test_device_store_trains_to_the_same_metrics(tmp_path: Path) -> None:
 def test_missing_amazon_files_stop_with_paths_and_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "data=electro", f"paths.root_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
@@ -97,12 +129,25 @@ def test_taobao_runs_on_a_generated_userbehavior_file(model: str, tmp_path: Path
     net = ["model.net.embed_dim=8", "model.net.num_heads=2", "model.net.time_unit_seconds=3600"]
     if model == "bst":
         net.append("model.net.mlp_dims=[32,16]")
-    cfg = compose_cfg("train.yaml", [f"model={model}", "data=taobao", *net, "trainer=cpu", "trainer.max_epochs=1",
-                                     "data.batch_size=64", "logger=csv"], tmp_path)
+    cfg = compose_cfg(
+        "train.yaml",
+        [
+            f"model={model}",
+            "data=taobao",
+            *net,
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "data.batch_size=64",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
     metrics, objs = train(cfg)
     dm = objs["datamodule"]
     assert dm.schema.behavior_names == ("pv", "cart", "fav", "buy") and dm.schema.protocol == "time"
     assert metrics["test/num_samples"] == dm.schema.split_sizes["test"] > 0
     assert 0.0 <= metrics["test/pairwise_auc"] <= 1.0
-    assert dm.store.meta["reader"]["rows_out_of_window"] > 0  # the generator's dirty rows were dropped
+    assert (
+        dm.store.meta["reader"]["rows_out_of_window"] > 0
+    )  # the generator's dirty rows were dropped
     assert (Path(cfg.paths.output_dir) / "attention.png").exists()

@@ -13,7 +13,9 @@ from seqrank.data.store import Store
 from seqrank.metrics import auc, gauc, logloss, pairwise_auc
 
 
-def ranking_metrics(scores: np.ndarray, store: Store, split: str, *, logits: bool) -> dict[str, float]:
+def ranking_metrics(
+    scores: np.ndarray, store: Store, split: str, *, logits: bool
+) -> dict[str, float]:
     """auc, gauc, pairwise_auc (and logloss when `scores` are logits) of scores on a split."""
     s = store.splits[split]
     labels = np.asarray(s.label, dtype=np.int64)
@@ -30,18 +32,28 @@ def ranking_metrics(scores: np.ndarray, store: Store, split: str, *, logits: boo
 def popularity_scores(store: Store, split: str) -> np.ndarray:
     """Score = how often the candidate was an observed training target (train split only)."""
     tr = store.splits["train"]
-    counts = np.bincount(np.asarray(tr.target)[np.asarray(tr.label) == 1], minlength=store.schema.num_items)
+    counts = np.bincount(
+        np.asarray(tr.target)[np.asarray(tr.label) == 1], minlength=store.schema.num_items
+    )
     return counts[np.asarray(store.splits[split].target)].astype(np.float64)
 
 
 def reference_metrics(store: Store, split: str = "test") -> dict[str, dict[str, float]]:
     """Metrics of the popularity scorer and, when the store has one, of the oracle."""
-    refs = {"popularity": ranking_metrics(popularity_scores(store, split), store, split, logits=False)}
+    refs = {
+        "popularity": ranking_metrics(popularity_scores(store, split), store, split, logits=False)
+    }
     if split in store.oracle:
-        refs["oracle"] = ranking_metrics(np.asarray(store.oracle[split]), store, split, logits=False)
+        refs["oracle"] = ranking_metrics(
+            np.asarray(store.oracle[split]), store, split, logits=False
+        )
     return refs
 
 
 def gap_closed(model: float, popularity: float, oracle: float) -> float:
     """Fraction of the popularity -> oracle gap a model closes (1.0 = oracle, 0.0 = popularity)."""
-    return float((model - popularity) / (oracle - popularity)) if oracle != popularity else float("nan")
+    return (
+        float((model - popularity) / (oracle - popularity))
+        if oracle != popularity
+        else float("nan")
+    )

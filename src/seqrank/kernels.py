@@ -80,7 +80,13 @@ def build_dir(name: str = "attention") -> Path:
     (and this checkout: ninja rebuilds a directory whose recorded source path changed, so two
     checkouts of the same source would rebuild each other's kernel on every switch)."""
     source = _spec(name)[0]
-    parts = [_cpu_id(), torch.__version__, " ".join(FLAGS), str(source.resolve()), source.read_text()]
+    parts = [
+        _cpu_id(),
+        torch.__version__,
+        " ".join(FLAGS),
+        str(source.resolve()),
+        source.read_text(),
+    ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = os.environ.get("SEQRANK_EXTENSIONS_DIR") or Path.home() / ".cache/seqrank/extensions"
     return Path(root) / f"{name}-{key}"

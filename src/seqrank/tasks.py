@@ -78,8 +78,15 @@ def check_model_config(cfg: DictConfig, dm: SeqDataModule) -> None:
             f"data {dm.name!r} has one ({list(names)}): allowed here: model.net.group_by='item', or "
             "data with behaviours (data=taobao, data=taobao_synthetic)"
         )
-    placeholder = Schema(name=dm.name, num_users=2, num_items=2, num_cates=2,
-                         num_behaviors=len(names) + 1, behavior_names=names, protocol=dm.protocol)
+    placeholder = Schema(
+        name=dm.name,
+        num_users=2,
+        num_items=2,
+        num_cates=2,
+        num_behaviors=len(names) + 1,
+        behavior_names=names,
+        protocol=dm.protocol,
+    )
     try:
         hydra.utils.instantiate(net_cfg)(placeholder)
     except (InstantiationException, ValueError, TypeError) as e:
@@ -93,7 +100,9 @@ def check_model_config(cfg: DictConfig, dm: SeqDataModule) -> None:
             msg += f"; allowed model.net.num_heads for this width: {[h for h in range(1, w + 1) if w % h == 0]}"
         if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
             params = inspect.signature(hydra.utils.get_class(target)).parameters.values()
-            msg += f"; allowed model.net keys: {[p.name for p in params if p.kind is p.KEYWORD_ONLY]}"
+            msg += (
+                f"; allowed model.net keys: {[p.name for p in params if p.kind is p.KEYWORD_ONLY]}"
+            )
         raise ConfigError(msg) from cause
 
 
@@ -107,7 +116,11 @@ def report(dm: SeqDataModule, metrics: dict[str, float], title: str) -> dict[str
     for stage in ("val", "test"):
         vals = {m: metrics[f"{stage}/{m}"] for m in METRICS if f"{stage}/{m}" in metrics}
         if vals:
-            label = "val (= test, protocol paper)" if stage == "val" and dm.eval_split("val") == "test" else stage
+            label = (
+                "val (= test, protocol paper)"
+                if stage == "val" and dm.eval_split("val") == "test"
+                else stage
+            )
             rows[f"model {label}"] = vals
     extras: dict[str, float] = {}
     for name, vals in reference_metrics(dm.store, "test").items():
@@ -115,7 +128,9 @@ def report(dm: SeqDataModule, metrics: dict[str, float], title: str) -> dict[str
         extras.update({f"test/{name}_{k}": v for k, v in vals.items()})
     key = "test/pairwise_auc"
     if key in metrics and "test/oracle_pairwise_auc" in extras:
-        closed = gap_closed(metrics[key], extras["test/popularity_pairwise_auc"], extras["test/oracle_pairwise_auc"])
+        closed = gap_closed(
+            metrics[key], extras["test/popularity_pairwise_auc"], extras["test/oracle_pairwise_auc"]
+        )
         extras["test/gap_closed"] = closed
         title += f" — model closes {closed:.1%} of the popularity→oracle gap (pairwise_auc)"
     print_results(rows, METRICS, title)
@@ -151,8 +166,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resume = cfg.get("ckpt_path") if cfg.get("train", True) else None
     if resume:
         if not Path(resume).is_file():
-            raise ConfigError(f"ckpt_path={str(resume)!r} does not exist; expected a checkpoint file "
-                              "such as logs/train/runs/<run>/checkpoints/last.ckpt")
+            raise ConfigError(
+                f"ckpt_path={str(resume)!r} does not exist; expected a checkpoint file "
+                "such as logs/train/runs/<run>/checkpoints/last.ckpt"
+            )
         run_dir = resume_output_dir(resume)
         if run_dir is not None:
             log.info("resuming the run in %s from %s", run_dir, resume)
@@ -172,10 +189,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"))
     if resume:
         continue_csv_logs(loggers, checkpoint_step(resume))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    hparams = {"cfg": model.run_config, "schema": dm.schema.to_dict(), "store": str(dm.store.path),
-               "data_fingerprint": dm.fingerprint(), "num_params": sum(p.numel() for p in model.parameters()),
-               "git": git_info()}
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    hparams = {
+        "cfg": model.run_config,
+        "schema": dm.schema.to_dict(),
+        "store": str(dm.store.path),
+        "data_fingerprint": dm.fingerprint(),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "git": git_info(),
+    }
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
     if trainer.loggers:
@@ -191,17 +215,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.warning("no best checkpoint found; testing the current weights")
         trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, weights_only=True)
         metrics.update(_metric_dict(trainer))
-        metrics.update(report(dm, metrics, f"{cfg.model.net._target_.rsplit('.', 1)[-1]} on {cfg.data.name}"))
+        metrics.update(
+            report(dm, metrics, f"{cfg.model.net._target_.rsplit('.', 1)[-1]} on {cfg.data.name}")
+        )
         if ckpt:
             metrics["best_ckpt"] = ckpt  # type: ignore[assignment]
         if trainer.is_global_zero and cfg.get("plot_attention", True):
-            save_attention_figure(model, dm, Path(cfg.paths.output_dir) / "attention.png", trainer.loggers)
+            save_attention_figure(
+                model, dm, Path(cfg.paths.output_dir) / "attention.png", trainer.loggers
+            )
     metrics["time/train_and_test_s"] = fit_seconds
     log.info("best checkpoint: %s", metrics.get("best_ckpt"))
     return metrics, {"cfg": cfg, "datamodule": dm, "model": model, "trainer": trainer}
 
 
-def save_attention_figure(model: RankingModule, dm: SeqDataModule, path: Path, loggers: list) -> None:
+def save_attention_figure(
+    model: RankingModule, dm: SeqDataModule, path: Path, loggers: list
+) -> None:
     """The target's attention over the history for a few test users (PNG; logged as an image
     by loggers that take images)."""
     from seqrank.data.batching import BatchGatherDataset
@@ -209,7 +239,7 @@ def save_attention_figure(model: RankingModule, dm: SeqDataModule, path: Path, l
 
     test = dm.store.splits["test"]
     # one positive per user for up to 200 users; show the 4 whose histories mix the most behaviours
-    pos = np.flatnonzero(np.asarray(test.label[: 20_000]) == 1)
+    pos = np.flatnonzero(np.asarray(test.label[:20_000]) == 1)
     _, first = np.unique(np.asarray(test.user)[pos], return_index=True)
     candidates = pos[np.sort(first)][:200] if len(pos) else np.arange(min(4, len(test)))
     data = BatchGatherDataset(dm.store.events, test, dm.max_len)
@@ -247,7 +277,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     trainer.test(model, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = _metric_dict(trainer)
-    metrics.update(report(dm, metrics, f"{run_cfg.model.net._target_.rsplit('.', 1)[-1]} on {run_cfg.data.name} (eval)"))
+    metrics.update(
+        report(
+            dm,
+            metrics,
+            f"{run_cfg.model.net._target_.rsplit('.', 1)[-1]} on {run_cfg.data.name} (eval)",
+        )
+    )
     return metrics, {"cfg": run_cfg, "datamodule": dm, "model": model, "trainer": trainer}
 
 
@@ -266,14 +302,25 @@ def run_task(task, cfg: DictConfig) -> float | None:  # noqa: ANN001
         metrics, objs = task(cfg)
     except (DataError, ConfigError, NonFiniteLossError, SchemaMismatchError) as e:
         log.error("%s", e)
-        write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=str(e))
+        write_job_results(
+            out, cfg, status="failed", wall_time_s=time.time() - started, error=str(e)
+        )
         raise SystemExit(f"error: {e}") from None
     except Exception as e:
-        write_job_results(out, cfg, status="failed", wall_time_s=time.time() - started, error=repr(e))
+        write_job_results(
+            out, cfg, status="failed", wall_time_s=time.time() - started, error=repr(e)
+        )
         raise
     finish_loggers(objs["trainer"].loggers)
     name = cfg.get("optimized_metric")
     value = float(metrics[name]) if name and name in metrics else None
     out = Path(cfg.paths.output_dir)  # a resumed run writes into the run it continues
-    write_job_results(out, cfg, status="completed", wall_time_s=time.time() - started, metrics=metrics, objective=value)
+    write_job_results(
+        out,
+        cfg,
+        status="completed",
+        wall_time_s=time.time() - started,
+        metrics=metrics,
+        objective=value,
+    )
     return value

@@ -57,8 +57,15 @@ def plot_target_attention(
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i]) for i in range(1, len(names))]
     fig.suptitle(f"target attention over the history — {type(net).__name__} on {schema.name}")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.legend(handles, names[1:], loc="upper center", bbox_to_anchor=(0.5, 0.955),
-               ncols=len(names) - 1, fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        names[1:],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.955),
+        ncols=len(names) - 1,
+        fontsize=8,
+        frameon=False,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

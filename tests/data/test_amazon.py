@@ -396,7 +396,8 @@ def test_parse_literal_is_literal_eval(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ['{"a": true}', '{"a": NaN}', "[null]", "[-Infinity]", "{'a': __import__('os')}", "{'a': 'x'"]
+    "text",
+    ['{"a": true}', '{"a": NaN}', "[null]", "[-Infinity]", "{'a': __import__('os')}", "{'a': 'x'"],
 )
 def test_parse_literal_refuses_what_literal_eval_refuses(text: str) -> None:
     with pytest.raises((ValueError, SyntaxError)):

@@ -261,13 +261,17 @@ def test_train_shards_have_equal_batch_counts(n: int, bs: int, world_size: int) 
 def test_restored_position_yields_the_rest_of_the_epoch(consumed: int, world_size: int) -> None:
     """A sampler restored from `state_dict()` (as Lightning does on resume) yields exactly the
     batches the uninterrupted epoch had left; a finished epoch resumes at the next one."""
-    ref = IndexBatchSampler(103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size)
+    ref = IndexBatchSampler(
+        103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size
+    )
     ref.set_epoch(3)
     full = batches(ref)
     ref.consumed = consumed  # counted by the DataModule as batches are trained on
     state = ref.state_dict()
     assert state == {"epoch": 3, "consumed": consumed, "num_batches": len(full)}
-    new = IndexBatchSampler(103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size)
+    new = IndexBatchSampler(
+        103, 10, shuffle=True, seed=1, rank=world_size - 1, world_size=world_size
+    )
     new.load_state_dict(state)  # sets the epoch too: Lightning iterates before set_epoch on resume
     rest = list(new)
     if consumed >= len(full):
@@ -288,5 +292,7 @@ def test_restoring_a_position_of_another_epoch_length_is_refused() -> None:
 def test_device_store_with_workers_is_refused(tmp_path) -> None:  # noqa: ANN001
     from seqrank.data.datamodule import SeqDataModule
 
-    with pytest.raises(ValueError, match=r"data\.device_store=true .* data\.num_workers=2 must be 0"):
+    with pytest.raises(
+        ValueError, match=r"data\.device_store=true .* data\.num_workers=2 must be 0"
+    ):
         SeqDataModule(None, name="x", processed_dir=tmp_path, device_store=True, num_workers=2)

@@ -237,10 +237,15 @@ def test_negative_draws_are_counter_based_and_uniform() -> None:
     perm = rng.permutation(len(user))
     assert np.array_equal(negative_draws(user[perm], pos[perm], 51, seed=3, split=1), a[perm])
     assert np.array_equal(negative_draws(user[:7], pos[:7], 51, seed=3, split=1), a[:7])
-    for kw in ({"seed": 4, "split": 1}, {"seed": 3, "split": 2}, {"seed": 3, "split": 1, "round": 1}):
+    for kw in (
+        {"seed": 4, "split": 1},
+        {"seed": 3, "split": 2},
+        {"seed": 3, "split": 1, "round": 1},
+    ):
         assert (negative_draws(user, pos, 51, **kw) != a).mean() > 0.9, kw
-    counts = np.bincount(negative_draws(np.arange(50_000), np.ones(50_000, int), 51, seed=0, split=1),
-                         minlength=51)[1:]
+    counts = np.bincount(
+        negative_draws(np.arange(50_000), np.ones(50_000, int), 51, seed=0, split=1), minlength=51
+    )[1:]
     assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000, "about uniform over 1..50"
 
 
@@ -252,7 +257,9 @@ def test_negatives_do_not_depend_on_the_other_samples(sim_events) -> None:
     num_items = len(p.events.item_cate)
     for u in (1, 7, int(s.user[-1])):
         m = s.user[1::2] == u
-        neg = sample_negatives(p.events, s.user[1::2][m], s.pos[1::2][m], num_items, seed=5, split="train")
+        neg = sample_negatives(
+            p.events, s.user[1::2][m], s.pos[1::2][m], num_items, seed=5, split="train"
+        )
         assert np.array_equal(neg, s.target[1::2][m]), u
 
 

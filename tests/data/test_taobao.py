@@ -542,7 +542,9 @@ def store_arrays(path: Path) -> dict[str, np.ndarray]:
 def build_stores(src, root: Path, chunk_rows: tuple, **kw) -> dict:
     out = {}
     for rows in chunk_rows:
-        dm = SeqDataModule(src, name="tb", processed_dir=root / f"rows_{rows}", chunk_rows=rows, **kw)
+        dm = SeqDataModule(
+            src, name="tb", processed_dir=root / f"rows_{rows}", chunk_rows=rows, **kw
+        )
         dm.prepare_data()
         dm.setup()
         out[rows] = dm.store
@@ -550,16 +552,27 @@ def build_stores(src, root: Path, chunk_rows: tuple, **kw) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("protocol", "targets"), [("time", None), ("time", ["buy"]), ("loo", ["cart", "buy"]), ("paper", None)]
+    ("protocol", "targets"),
+    [("time", None), ("time", ["buy"]), ("loo", ["cart", "buy"]), ("paper", None)],
 )
-def test_chunked_store_equals_the_in_memory_store(tmp_path: Path, tiny_csv: Path, protocol, targets) -> None:
+def test_chunked_store_equals_the_in_memory_store(
+    tmp_path: Path, tiny_csv: Path, protocol, targets
+) -> None:
     """Out of core with ranges of 1 or 50 events (users are never split, so most ranges are one
     user) or one range, and in memory (chunk_rows=None): every array and count is identical."""
     src = TaobaoSource(raw_dir=tiny_csv.parent)
-    stores = build_stores(src, tmp_path, (None, 10**9, 50, 1), protocol=protocol, target_behaviors=targets)
+    stores = build_stores(
+        src, tmp_path, (None, 10**9, 50, 1), protocol=protocol, target_behaviors=targets
+    )
     ref = stores[None]
     want = store_arrays(ref.path)
-    assert {"events.item.npy", "user_offsets.npy", "item_cate.npy", "ids.item.npy", "test.target.npy"} <= set(want)
+    assert {
+        "events.item.npy",
+        "user_offsets.npy",
+        "item_cate.npy",
+        "ids.item.npy",
+        "test.target.npy",
+    } <= set(want)
     for rows, st in stores.items():
         got = store_arrays(st.path)
         assert list(got) == list(want), rows
@@ -582,7 +595,9 @@ def test_chunked_path_keeps_the_bad_line_policy(tmp_path: Path, tiny_csv: Path) 
     dirty.parent.mkdir()
     write_rows(dirty, lines[:2] + ["1,2,3,nope,4"] + lines[2:-1] + ["7,8"] + lines[-1:])
     src = TaobaoSource(raw_dir=dirty.parent)
-    dm = SeqDataModule(src, name="tb", processed_dir=tmp_path / "proc", protocol="time", chunk_rows=100)
+    dm = SeqDataModule(
+        src, name="tb", processed_dir=tmp_path / "proc", protocol="time", chunk_rows=100
+    )
     with pytest.raises(DataError, match=r"UserBehavior\.csv:3: unknown behaviour 'nope'"):
         dm.prepare_data()
     assert not any((tmp_path / "proc").glob("tb-*")), "no store, no temp folder left"
@@ -590,7 +605,10 @@ def test_chunked_path_keeps_the_bad_line_policy(tmp_path: Path, tiny_csv: Path) 
     a, b = (store_arrays(s.path) for s in stores.values())
     assert all(np.array_equal(a[k], b[k]) for k in a) and list(a) == list(b)
     assert stores[100].meta["reader"] == stores[None].meta["reader"]
-    assert stores[100].meta["reader"]["rows_bad"] == 2 and stores[100].meta["reader"]["path"] == "precise"
+    assert (
+        stores[100].meta["reader"]["rows_bad"] == 2
+        and stores[100].meta["reader"]["path"] == "precise"
+    )
 
 
 class _ScannedSynthetic(SyntheticTaobaoSource):
@@ -605,15 +623,22 @@ class _ScannedSynthetic(SyntheticTaobaoSource):
 def test_chunked_store_keeps_the_oracle(tmp_path: Path) -> None:
     spec = dataclasses.asdict(TINY) | {"num_users": 40}
     src = _ScannedSynthetic(raw_dir=tmp_path / "raw", spec=spec)
-    stores = build_stores(src, tmp_path, (None, 30), protocol="time", target_behaviors=["buy", "cart"])
+    stores = build_stores(
+        src, tmp_path, (None, 30), protocol="time", target_behaviors=["buy", "cart"]
+    )
     a, b = (store_arrays(s.path) for s in stores.values())
-    assert {"train.oracle.npy", "val.oracle.npy", "test.oracle.npy"} <= set(a) and list(a) == list(b)
+    assert {"train.oracle.npy", "val.oracle.npy", "test.oracle.npy"} <= set(a) and list(a) == list(
+        b
+    )
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_chunk_rows_is_validated_and_not_in_the_fingerprint(tmp_path: Path, tiny_csv: Path) -> None:
     src = TaobaoSource(raw_dir=tiny_csv.parent)
-    fps = {SeqDataModule(src, name="t", processed_dir=tmp_path, chunk_rows=r).fingerprint() for r in (None, 1, 10**6)}
+    fps = {
+        SeqDataModule(src, name="t", processed_dir=tmp_path, chunk_rows=r).fingerprint()
+        for r in (None, 1, 10**6)
+    }
     assert len(fps) == 1, "the store does not depend on chunk_rows"
     for bad in (0, -5, 2.5, "many"):
         with pytest.raises(ValueError, match=r"data\.chunk_rows"):

@@ -118,7 +118,9 @@ def test_sparse_gradients_give_dense_adams_updates(
         assert sparse.weight.grad.is_sparse
         torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-12, atol=1e-14)
     for name in ("exp_avg", "exp_avg_sq", "step"):
-        torch.testing.assert_close(ours.state[sparse.weight][name], theirs.state[dense.weight][name])
+        torch.testing.assert_close(
+            ours.state[sparse.weight][name], theirs.state[dense.weight][name]
+        )
 
 
 def test_sparse_float32_matches_dense_adam_in_a_model() -> None:
@@ -351,7 +353,10 @@ def test_auto_gives_row_gradients_on_one_cpu_process(tmp_path) -> None:  # noqa:
     ],
 )
 def test_auto_stays_dense_where_rows_would_change_the_updates(
-    tmp_path, optimizer, match: str, caplog: pytest.LogCaptureFixture  # noqa: ANN001
+    tmp_path,
+    optimizer,
+    match: str,
+    caplog: pytest.LogCaptureFixture,  # noqa: ANN001
 ) -> None:
     """torch's Adam (which refuses sparse gradients) and lazy Adam (another optimiser) keep
     dense gradients under "auto", saying why; an explicit `true` with torch's Adam still fails."""

@@ -11,18 +11,31 @@ from torch import nn
 from seqrank.data.types import Batch, Schema
 from seqrank.lit.ranking import NonFiniteLossError, RankingModule, SchemaMismatchError
 
-SCHEMA = Schema(name="t", num_users=10, num_items=20, num_cates=5, num_behaviors=2,
-                behavior_names=("review",), protocol="loo")
+SCHEMA = Schema(
+    name="t",
+    num_users=10,
+    num_items=20,
+    num_cates=5,
+    num_behaviors=2,
+    behavior_names=("review",),
+    protocol="loo",
+)
 
 
 def batch(B: int = 6, L: int = 4) -> Batch:
     g = torch.Generator().manual_seed(0)
     return Batch(
-        user=torch.randint(1, 10, (B,), generator=g), hist_item=torch.randint(1, 20, (B, L), generator=g),
-        hist_cate=torch.randint(1, 5, (B, L), generator=g), hist_behavior=torch.ones(B, L, dtype=torch.long),
-        hist_gap=torch.zeros(B, L, dtype=torch.long), hist_mask=torch.ones(B, L, dtype=torch.bool),
-        target_item=torch.randint(1, 20, (B,), generator=g), target_cate=torch.randint(1, 5, (B,), generator=g),
-        label=torch.tensor([1.0, 0.0] * (B // 2)), index=torch.arange(B), pos=torch.arange(B) // 2,
+        user=torch.randint(1, 10, (B,), generator=g),
+        hist_item=torch.randint(1, 20, (B, L), generator=g),
+        hist_cate=torch.randint(1, 5, (B, L), generator=g),
+        hist_behavior=torch.ones(B, L, dtype=torch.long),
+        hist_gap=torch.zeros(B, L, dtype=torch.long),
+        hist_mask=torch.ones(B, L, dtype=torch.bool),
+        target_item=torch.randint(1, 20, (B,), generator=g),
+        target_cate=torch.randint(1, 5, (B,), generator=g),
+        label=torch.tensor([1.0, 0.0] * (B // 2)),
+        index=torch.arange(B),
+        pos=torch.arange(B) // 2,
     )
 
 
@@ -86,8 +99,13 @@ def test_model_gradient_clip_applies_unless_the_trainer_sets_one(trainer_clip, e
     import lightning as L
 
     module = RankingModule(nn.Linear(4, 3), partial(torch.optim.SGD, lr=1.0), gradient_clip_val=0.5)
-    module.trainer = L.Trainer(gradient_clip_val=trainer_clip, logger=False, enable_checkpointing=False,
-                               enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = L.Trainer(
+        gradient_clip_val=trainer_clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     for p in module.parameters():
         p.grad = torch.full_like(p, 10.0)
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
@@ -114,8 +132,12 @@ class _LogsEveryStep(RankingModule):
     on_epoch, Lightning keeping the epoch mean."""
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(batch).float(), batch.label)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            self.net(batch).float(), batch.label
+        )
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch)
+        )
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -150,9 +172,17 @@ def test_training_loss_logs_as_logging_every_step(tmp_path, every: int) -> None:
         m = cls(_Linear(), optimizer=partial(torch.optim.SGD, lr=0.5))
         calls = []
         m.log = partial(_counted, m.log, calls)
-        trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=CSVLogger(tmp_path, name=name),
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, accelerator="cpu", devices=1)
+        trainer = L.Trainer(
+            max_epochs=2,
+            log_every_n_steps=every,
+            logger=CSVLogger(tmp_path, name=name),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+        )
         trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
         written[name] = _csv_rows(tmp_path / name / "version_0" / "metrics.csv")
         if cls is RankingModule:

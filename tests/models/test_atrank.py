@@ -362,13 +362,19 @@ def test_sparse_embeddings_train_like_dense_ones(group_by: str) -> None:
     for sparse in (False, True):
         torch.manual_seed(0)
         net = ATRank(
-            schema, embed_dim=8, num_heads=2, max_len=12, group_by=group_by,
+            schema,
+            embed_dim=8,
+            num_heads=2,
+            max_len=12,
+            group_by=group_by,
             sparse_embeddings=sparse,
         ).double()
         opt = Adam(net.parameters(), lr=1e-2)
         for seed in range(3):
             b = make_batch(schema, seed=seed)
-            loss = F.binary_cross_entropy_with_logits(net(b).float(), b.label) + net.regularization()
+            loss = (
+                F.binary_cross_entropy_with_logits(net(b).float(), b.label) + net.regularization()
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients_(list(net.parameters()), 5.0)
@@ -377,7 +383,5 @@ def test_sparse_embeddings_train_like_dense_ones(group_by: str) -> None:
     assert nets[True].behaviors.item.weight.grad.is_sparse
     assert nets[True].behaviors.cate.weight.grad.is_sparse
     assert not nets[False].behaviors.item.weight.grad.is_sparse
-    for (name, a), b in zip(
-        nets[False].named_parameters(), nets[True].parameters(), strict=True
-    ):
+    for (name, a), b in zip(nets[False].named_parameters(), nets[True].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)

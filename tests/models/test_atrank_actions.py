@@ -27,7 +27,9 @@ def test_action_lookups_beat_masked_actions_on_planted_buys(tmp_path: Path) -> N
     Without the action lookup the model cannot tell the carted event among the pvs."""
     got = {}
     for use in (True, False):
-        cfg = compose_cfg("train.yaml", [*COMMON, f"model.net.use_actions={use}"], tmp_path / str(use))
+        cfg = compose_cfg(
+            "train.yaml", [*COMMON, f"model.net.use_actions={use}"], tmp_path / str(use)
+        )
         metrics, _ = train(cfg)
         got[use] = metrics["test/pairwise_auc"]
     assert got[True] > got[False] + 0.02, got

@@ -125,7 +125,9 @@ def test_attention_matches_naive_reference(attention_path: str, return_weights: 
     torch.testing.assert_close(out, _naive_attention(attn, x, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_fully_padded_row_is_zero_and_finite_under_bf16_autocast(attention_path: str) -> None:
+def test_attention_fully_padded_row_is_zero_and_finite_under_bf16_autocast(
+    attention_path: str,
+) -> None:
     torch.manual_seed(0)
     attn = MultiHeadSelfAttention(32, 4, 0.0)
     x = torch.randn(3, 5, 32) * 30
@@ -184,7 +186,9 @@ def test_encoder_zeroes_padding_and_ignores_padded_inputs() -> None:
 
 
 @pytest.mark.parametrize("dense_rows", [True, False])
-def test_encoder_forward_groups_is_forward_of_each_group(attention_path: str, dense_rows: bool) -> None:
+def test_encoder_forward_groups_is_forward_of_each_group(
+    attention_path: str, dense_rows: bool
+) -> None:
     """Length groups with their tokens flat: every group's outputs and every gradient equal
     the encoder run on each group alone (the zeroing of rows without keys included)."""
     torch.manual_seed(0)
@@ -272,7 +276,7 @@ def test_random_bits16_are_uniform_in_every_lane() -> None:
 
 
 def _select_path(monkeypatch: pytest.MonkeyPatch, path: int | str | None) -> None:
-    """"fused": the C++ kernel; an int: the Python kernel with chunks of that many scores;
+    """ "fused": the C++ kernel; an int: the Python kernel with chunks of that many scores;
     None: the plain ops over all heads."""
     if path == "fused":
         require_fused()
@@ -297,7 +301,9 @@ def _explicit_attention(q, k, v, key_mask, query_mask, p, seed, head_major=True)
         threshold, scale = keep_threshold(p)
         B, H, Lq, Lk = w.shape
         # the kernel draws the mask head-major; the path for tiny score matrices sample-major
-        bits = random_bits16((H, B, Lq, Lk)).transpose(0, 1) if head_major else random_bits16(w.shape)
+        bits = (
+            random_bits16((H, B, Lq, Lk)).transpose(0, 1) if head_major else random_bits16(w.shape)
+        )
         w = w * (bits >= threshold).to(w.dtype) * scale
     B, Lq, H, d = q.shape
     return (w @ v.transpose(1, 2)).transpose(1, 2).reshape(B, Lq, H * d)
@@ -305,10 +311,16 @@ def _explicit_attention(q, k, v, key_mask, query_mask, p, seed, head_major=True)
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("chunk", [1 << 20, 7, None, "fused"])  # one chunk / one sample per chunk / tiny path / C++
+@pytest.mark.parametrize(
+    "chunk", [1 << 20, 7, None, "fused"]
+)  # one chunk / one sample per chunk / tiny path / C++
 @pytest.mark.parametrize("with_query_mask", [False, True])
 def test_chunked_attention_equals_explicit_math(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: float, chunk: int | str | None, with_query_mask: bool
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    p: float,
+    chunk: int | str | None,
+    with_query_mask: bool,
 ) -> None:
     _select_path(monkeypatch, chunk)
     torch.manual_seed(0)
@@ -322,7 +334,9 @@ def test_chunked_attention_equals_explicit_math(
     query_mask = torch.rand(B, Lq) > 0.2 if with_query_mask else None
     torch.manual_seed(5)
     y = attention(q, k, v, key_mask, query_mask, p)
-    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk))
+    expected = _explicit_attention(
+        q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk)
+    )
     tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {}
     torch.testing.assert_close(y, expected, **tol)
     assert (y[0] == 0).all()
@@ -363,7 +377,9 @@ def test_chunked_attention_gradcheck(monkeypatch: pytest.MonkeyPatch, path: int 
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("chunk", [1 << 20, 7, None, "fused"])  # one chunk / one sample per chunk / tiny path / C++
+@pytest.mark.parametrize(
+    "chunk", [1 << 20, 7, None, "fused"]
+)  # one chunk / one sample per chunk / tiny path / C++
 def test_packed_self_attention_equals_explicit_math(
     monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, chunk: int | str | None
 ) -> None:
@@ -379,7 +395,9 @@ def test_packed_self_attention_equals_explicit_math(
     torch.manual_seed(5)
     y = self_attention(qkv, key_mask, query_mask, p, relu=relu)
     q, k, v = (torch.relu(qkv) if relu else qkv).unbind(2)
-    expected = _explicit_attention(q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk))
+    expected = _explicit_attention(
+        q, k, v, key_mask, query_mask, p, seed=5, head_major=_head_major(chunk)
+    )
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     assert (y[0] == 0).all()
     g = torch.randn_like(y)
@@ -401,11 +419,12 @@ def test_packed_self_attention_gradcheck(monkeypatch: pytest.MonkeyPatch, path: 
         )
 
 
-
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("Lq", [1, 3])
-@pytest.mark.parametrize("path", [20, None, "fused"])  # Python kernel, several chunks / tiny path / C++
+@pytest.mark.parametrize(
+    "path", [20, None, "fused"]
+)  # Python kernel, several chunks / tiny path / C++
 def test_packed_cross_attention_equals_explicit_math(
     monkeypatch: pytest.MonkeyPatch, relu: bool, p: float, Lq: int, path: int | str | None
 ) -> None:
@@ -422,7 +441,9 @@ def test_packed_cross_attention_equals_explicit_math(
     y = cross_attention(q, kv, key_mask, None, p, relu=relu)
     act = torch.relu if relu else (lambda t: t)
     k, v = act(kv).unbind(2)
-    expected = _explicit_attention(act(q), k, v, key_mask, None, p, seed=5, head_major=_head_major(path))
+    expected = _explicit_attention(
+        act(q), k, v, key_mask, None, p, seed=5, head_major=_head_major(path)
+    )
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     g = torch.randn_like(y)
     for got, want in zip(
@@ -553,7 +574,9 @@ def test_fused_build_failure_warns_and_falls_back(
     monkeypatch.setattr(attention_module, "FUSED", True)
     qkv = torch.randn(3, 5, 3, 2, 8, dtype=torch.float64)
     mask = torch.rand(3, 5) > 0.3
-    with pytest.warns(RuntimeWarning, match="attention C.. kernel could not be built in .*attention-"):
+    with pytest.warns(
+        RuntimeWarning, match="attention C.. kernel could not be built in .*attention-"
+    ):
         y = self_attention(qkv, mask, mask)
     assert kernels._state["attention"] is None
     q, k, v = qkv.unbind(2)
@@ -636,7 +659,12 @@ def _ragged_reference(q, kv, q_lengths, k_lengths, p, bits):  # noqa: ANN001, AN
 @pytest.mark.parametrize("kind", ["self", "cross", "cross_many"])
 @pytest.mark.parametrize("H", [2, 8, 16])  # per-head vectors; 8 heads a vector (one / two groups)
 def test_ragged_attention_is_each_sample_alone(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    d: int,
+    p: float,
+    relu: bool,
+    kind: str,
     H: int,
 ) -> None:
     """Sequences of lengths 0 to 19 one after another (keys padded to multiples of 8 inside the
@@ -653,35 +681,58 @@ def test_ragged_head_lanes_widths(monkeypatch: pytest.MonkeyPatch, d: int, kind:
 
 
 def _check_ragged_each_sample_alone(  # noqa: PLR0913
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, d: int, p: float, relu: bool, kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    d: int,
+    p: float,
+    relu: bool,
+    kind: str,
     H: int,
 ) -> None:
     require_fused()
     monkeypatch.setattr(attention_module, "FUSED", True)
     drawn = []
     real_bits = attention_module.random_bits16
-    monkeypatch.setattr(attention_module, "random_bits16", lambda s: drawn.append(real_bits(s)) or drawn[-1])
+    monkeypatch.setattr(
+        attention_module, "random_bits16", lambda s: drawn.append(real_bits(s)) or drawn[-1]
+    )
     torch.manual_seed(0)
     k_lengths = [3, 0, 19, 1, 8, 9, 0, 5]
     q_lengths = {
-        "self": k_lengths, "cross": [1, 2, 1, 0, 3, 1, 1, 1], "cross_many": [4, 2, 6, 0, 3, 5, 1, 2],
+        "self": k_lengths,
+        "cross": [1, 2, 1, 0, 3, 1, 1, 1],
+        "cross_many": [4, 2, 6, 0, 3, 5, 1, 2],
     }[kind]
     k_offsets = torch.tensor([0, *itertools.accumulate(k_lengths)])
     q_offsets = torch.tensor([0, *itertools.accumulate(q_lengths)])
     kv = (torch.randn(sum(k_lengths), 3, H, d, dtype=dtype) * 2).requires_grad_()
-    q = kv[:, 0] if kind == "self" else (torch.randn(sum(q_lengths), H, d, dtype=dtype) * 2).requires_grad_()
+    q = (
+        kv[:, 0]
+        if kind == "self"
+        else (torch.randn(sum(q_lengths), H, d, dtype=dtype) * 2).requires_grad_()
+    )
     if kind == "self":
         y = attention_module.ragged_self_attention(kv, k_offsets, p, relu=relu)
         inputs = (kv,)
     else:
-        y = attention_module.ragged_cross_attention(q, kv[:, 1:], q_offsets, k_offsets, p, relu=relu)
+        y = attention_module.ragged_cross_attention(
+            q, kv[:, 1:], q_offsets, k_offsets, p, relu=relu
+        )
         inputs = (q, kv)
     assert len(drawn) == (p > 0)
-    assert p == 0 or drawn[0].numel() == H * sum(a * b for a, b in zip(q_lengths, k_lengths, strict=True))
+    assert p == 0 or drawn[0].numel() == H * sum(
+        a * b for a, b in zip(q_lengths, k_lengths, strict=True)
+    )
     act = torch.relu if relu else (lambda t: t)
     ref_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
-    rq, rkv = (ref_inputs[0][:, 0], ref_inputs[0][:, 1:]) if kind == "self" else (ref_inputs[0], ref_inputs[1][:, 1:])
-    expected = _ragged_reference(act(rq), act(rkv), q_lengths, k_lengths, p, drawn[0] if p else None)
+    rq, rkv = (
+        (ref_inputs[0][:, 0], ref_inputs[0][:, 1:])
+        if kind == "self"
+        else (ref_inputs[0], ref_inputs[1][:, 1:])
+    )
+    expected = _ragged_reference(
+        act(rq), act(rkv), q_lengths, k_lengths, p, drawn[0] if p else None
+    )
     tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 1e-4}
     assert y.dtype == dtype and y.shape == (sum(q_lengths), H * d)
     torch.testing.assert_close(y.double(), expected, **tol)

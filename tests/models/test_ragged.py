@@ -144,7 +144,9 @@ def _same_outputs_and_gradients(model, batch, **loss_kwargs) -> None:  # noqa: A
         {"pooling": "concat", "use_user": True, "sparse_embeddings": True},
     ],
 )
-def test_bst_groups_compute_the_padded_function(attention_path, taobao_schema, make_batch, kwargs) -> None:
+def test_bst_groups_compute_the_padded_function(
+    attention_path, taobao_schema, make_batch, kwargs
+) -> None:
     torch.manual_seed(0)
     model = BST(
         taobao_schema,
@@ -164,7 +166,9 @@ def test_bst_groups_compute_the_padded_function(attention_path, taobao_schema, m
     "kwargs",
     [{}, {"group_by": "behavior"}, {"time_mode": "add"}, {"use_actions": False, "num_layers": 2}],
 )
-def test_atrank_groups_compute_the_padded_function(attention_path, taobao_schema, make_batch, kwargs) -> None:
+def test_atrank_groups_compute_the_padded_function(
+    attention_path, taobao_schema, make_batch, kwargs
+) -> None:
     torch.manual_seed(0)
     model = ATRank(
         taobao_schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4, **kwargs
@@ -176,12 +180,22 @@ def test_atrank_groups_compute_the_padded_function(attention_path, taobao_schema
 def _small(cls, schema):  # noqa: ANN001, ANN202
     torch.manual_seed(0)
     if cls is BST:
-        return BST(schema, embed_dim=8, num_heads=2, max_len=10, mlp_dims=(32, 16), dropout=0.0, length_groups=4)
+        return BST(
+            schema,
+            embed_dim=8,
+            num_heads=2,
+            max_len=10,
+            mlp_dims=(32, 16),
+            dropout=0.0,
+            length_groups=4,
+        )
     return ATRank(schema, embed_dim=8, num_heads=2, max_len=10, length_groups=4)
 
 
 @pytest.mark.parametrize("cls", [BST, ATRank])
-def test_groups_skip_holes_and_empty_batches(attention_path, taobao_schema, make_batch, cls) -> None:
+def test_groups_skip_holes_and_empty_batches(
+    attention_path, taobao_schema, make_batch, cls
+) -> None:
     """Positions masked inside a history (holes) and batches whose histories are all empty give
     the padded path's outputs and gradients too (the groups' dense layers see valid tokens
     only)."""
@@ -249,7 +263,9 @@ def test_right_aligned_linear_computes_in_the_autocast_dtype() -> None:
 
 
 @pytest.mark.parametrize("cls", [BST, ATRank])
-def test_groups_under_bf16_autocast_match_the_padded_path(attention_path, schema, make_batch, cls) -> None:
+def test_groups_under_bf16_autocast_match_the_padded_path(
+    attention_path, schema, make_batch, cls
+) -> None:
     torch.manual_seed(0)
     model = cls(schema, embed_dim=8, num_heads=2, max_len=10, length_groups=3).eval()
     model.group_cost = 0
@@ -263,7 +279,10 @@ def test_groups_under_bf16_autocast_match_the_padded_path(attention_path, schema
 
 
 def test_sequence_offsets_follow_the_valid_tokens_group_after_group() -> None:
-    masks = [torch.tensor([[False, True, True], [True, False, True]]), torch.tensor([[False], [True]])]
+    masks = [
+        torch.tensor([[False, True, True], [True, False, True]]),
+        torch.tensor([[False], [True]]),
+    ]
     assert sequence_offsets(masks).tolist() == [0, 2, 4, 4, 5]
 
 
@@ -304,6 +323,8 @@ def test_cpu_groups_attend_over_ragged_sequences(monkeypatch, schema, make_batch
     assert counting.calls == ["forward_ragged"] * blocks + ["backward_ragged"] * blocks
     if cls is ATRank:
         seen = []
-        monkeypatch.setattr(model, "forward_groups", lambda b, groups, order: seen.append(len(groups)) or 0)
+        monkeypatch.setattr(
+            model, "forward_groups", lambda b, groups, order: seen.append(len(groups)) or 0
+        )
         model(batch)
         assert seen == [1]

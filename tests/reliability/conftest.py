@@ -16,7 +16,13 @@ from seqrank.tasks import run_task, train
 from tests.conftest import ROOT, TINY_DATA, TINY_MODEL, compose_cfg
 
 # one epoch of the tiny synthetic data is 40 batches of 64
-TINY_RUN = [*TINY_DATA, *TINY_MODEL, "trainer=cpu", "+plot_attention=false", "callbacks.rich_progress_bar=null"]
+TINY_RUN = [
+    *TINY_DATA,
+    *TINY_MODEL,
+    "trainer=cpu",
+    "+plot_attention=false",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 def run_cli(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -24,7 +30,11 @@ def run_cli(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *overrides],
-        capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env=env,
     )
 
 

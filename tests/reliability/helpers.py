@@ -16,9 +16,18 @@ class HangAtStep(L.Callback):
     def __init__(self, step: int, marker: str) -> None:
         self.step, self.marker = step, Path(marker)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if trainer.global_step == self.step:
-            self.marker.write_text(f"epoch {trainer.current_epoch} batch {batch_idx} step {trainer.global_step}\n")
+            self.marker.write_text(
+                f"epoch {trainer.current_epoch} batch {batch_idx} step {trainer.global_step}\n"
+            )
             time.sleep(3600)
 
 

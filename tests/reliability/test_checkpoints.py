@@ -32,7 +32,9 @@ def _eval(tmp_path: Path, ckpt: Path, *overrides: str) -> tuple[str | None, Path
     return None, Path(cfg.paths.output_dir)
 
 
-def test_checkpoints_load_weights_only_and_reevaluate_to_the_run(trained: tuple[Path, dict], tmp_path: Path) -> None:
+def test_checkpoints_load_weights_only_and_reevaluate_to_the_run(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
     tmp, res = trained
     best, last = Path(res["best_ckpt"]), tmp / "out" / "checkpoints" / "last.ckpt"
     for path in (best, last):
@@ -44,19 +46,31 @@ def test_checkpoints_load_weights_only_and_reevaluate_to_the_run(trained: tuple[
         assert results(out)["metrics"][key] == pytest.approx(res["metrics"][key], abs=1e-6), key
 
 
-def test_eval_of_a_checkpoint_from_another_schema_says_so(trained: tuple[Path, dict], tmp_path: Path) -> None:
+def test_eval_of_a_checkpoint_from_another_schema_says_so(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
     _, res = trained
     msg, out = _eval(tmp_path, Path(res["best_ckpt"]), "+data_overrides.source.spec.num_users=100")
-    assert msg is not None and "another schema" in msg and "num_users: checkpoint 151 vs data 101" in msg, msg
+    assert (
+        msg is not None
+        and "another schema" in msg
+        and "num_users: checkpoint 151 vs data 101" in msg
+    ), msg
     assert results(out)["status"] == "failed"
 
 
-def test_resuming_on_data_with_another_schema_says_so(trained: tuple[Path, dict], tmp_path: Path) -> None:
+def test_resuming_on_data_with_another_schema_says_so(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
     tmp, _ = trained
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # a copy: the resume writes into its run
     last.parent.mkdir(parents=True)
     shutil.copy(tmp / "out" / "checkpoints" / "last.ckpt", last)
-    cfg = compose_cfg("train.yaml", [*TINY_RUN, "data.source.spec.num_users=100", f"ckpt_path={last}"], tmp_path)
+    cfg = compose_cfg(
+        "train.yaml", [*TINY_RUN, "data.source.spec.num_users=100", f"ckpt_path={last}"], tmp_path
+    )
     with pytest.raises(SystemExit) as e:
         run_task(train, cfg)
-    assert "another schema" in str(e.value.code) and "num_users: checkpoint 151 vs data 101" in str(e.value.code)
+    assert "another schema" in str(e.value.code) and "num_users: checkpoint 151 vs data 101" in str(
+        e.value.code
+    )

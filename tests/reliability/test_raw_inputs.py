@@ -20,15 +20,27 @@ from tests.conftest import TINY_MODEL
 from tests.reliability.conftest import results, run_in_process
 
 SPEC = SyntheticAmazonSpec(num_users=60, num_items=200, num_cates=10, seed=3)
-TAOBAO_SPEC = SyntheticTaobaoSpec(num_users=80, num_items=1500, num_cates=30, mean_events=30, seed=5)
-RUN = [*TINY_MODEL, "trainer=cpu", "data.batch_size=64", "data.eval_batch_size=256", "train=false",
-       "+plot_attention=false", "callbacks.rich_progress_bar=null", "logger=csv"]
+TAOBAO_SPEC = SyntheticTaobaoSpec(
+    num_users=80, num_items=1500, num_cates=30, mean_events=30, seed=5
+)
+RUN = [
+    *TINY_MODEL,
+    "trainer=cpu",
+    "data.batch_size=64",
+    "data.eval_batch_size=256",
+    "train=false",
+    "+plot_attention=false",
+    "callbacks.rich_progress_bar=null",
+    "logger=csv",
+]
 BAD_AT = 5  # the bad line's number in the file
 
 
 def amazon_files(tmp_path: Path) -> tuple[Path, Path]:
     """Electronics-named raw files (`data=electro` reads them) from the synthetic generator."""
-    reviews, meta, _ = generate_amazon(tmp_path / "data" / "raw" / "amazon", SPEC, name="Electronics")
+    reviews, meta, _ = generate_amazon(
+        tmp_path / "data" / "raw" / "amazon", SPEC, name="Electronics"
+    )
     return reviews, meta
 
 
@@ -81,15 +93,30 @@ def _truncate(path: Path) -> Path:
 AMAZON_CASES: dict[str, tuple[Callable[[Path, Path], tuple[Path, int | None]], str]] = {
     # case -> (break the files; return the file and bad line number, the reason in the message)
     "truncated_gzip": (lambda r, m: (_truncate(r), -1), "truncated gzip"),
-    "malformed_json_line": (lambda r, m: (insert(r, b'{"reviewerID": "AXYZ", "asin": '), (r, BAD_AT))[1], "malformed JSON"),
-    "missing_required_field": (lambda r, m: (insert(r, review(asin=None)), (r, BAD_AT))[1],
-                               "missing required field(s) ['asin']"),
-    "non_integer_timestamp": (lambda r, m: (insert(r, review(unixReviewTime="2013-06-02")), (r, BAD_AT))[1],
-                              "unixReviewTime must be an integer, got '2013-06-02'"),
-    "non_utf8_bytes": (lambda r, m: (insert(r, b'{"reviewerID": "A\xff\xfe", "asin": "B1", "unixReviewTime": 1}'), (r, BAD_AT))[1],
-                       "not valid UTF-8"),
+    "malformed_json_line": (
+        lambda r, m: (insert(r, b'{"reviewerID": "AXYZ", "asin": '), (r, BAD_AT))[1],
+        "malformed JSON",
+    ),
+    "missing_required_field": (
+        lambda r, m: (insert(r, review(asin=None)), (r, BAD_AT))[1],
+        "missing required field(s) ['asin']",
+    ),
+    "non_integer_timestamp": (
+        lambda r, m: (insert(r, review(unixReviewTime="2013-06-02")), (r, BAD_AT))[1],
+        "unixReviewTime must be an integer, got '2013-06-02'",
+    ),
+    "non_utf8_bytes": (
+        lambda r, m: (
+            insert(r, b'{"reviewerID": "A\xff\xfe", "asin": "B1", "unixReviewTime": 1}'),
+            (r, BAD_AT),
+        )[1],
+        "not valid UTF-8",
+    ),
     "meta_line_not_a_python_literal": (cut_meta_line, "not a Python literal"),
-    "empty_reviews_file": (lambda r, m: (write_lines(r, []) or r.write_bytes(b""), (r, None))[1], "empty file"),
+    "empty_reviews_file": (
+        lambda r, m: (write_lines(r, []) or r.write_bytes(b""), (r, None))[1],
+        "empty file",
+    ),
 }
 
 
@@ -147,7 +174,9 @@ def _meta_json(tmp_path: Path) -> dict:
     return json.loads(store.read_text())
 
 
-def test_skip_counts_bad_amazon_lines_in_summary_and_meta_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_counts_bad_amazon_lines_in_summary_and_meta_json(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reviews, meta = amazon_files(tmp_path)
     for bad in (b"{not json", review(asin=None), review(unixReviewTime="7"), b"\xff\xfe"):
         insert(reviews, bad)
@@ -159,7 +188,9 @@ def test_skip_counts_bad_amazon_lines_in_summary_and_meta_json(tmp_path: Path, c
     assert "bad raw lines skipped: 5" in caplog.text
 
 
-def test_skip_counts_bad_userbehavior_rows_in_summary_and_meta_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_skip_counts_bad_userbehavior_rows_in_summary_and_meta_json(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = taobao_file(tmp_path, [row for row, _ in TAOBAO_CASES.values()])
     caplog.set_level(logging.INFO)
     msg, cfg = run_in_process(tmp_path, [*TAOBAO_RUN, "data.on_bad_line=skip"])
@@ -168,13 +199,21 @@ def test_skip_counts_bad_userbehavior_rows_in_summary_and_meta_json(tmp_path: Pa
     assert "bad raw lines skipped: 3" in caplog.text
 
 
-def test_too_short_users_are_dropped_counted_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_too_short_users_are_dropped_counted_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reviews, _ = amazon_files(tmp_path)
     asins = sorted({json.loads(line)["asin"] for line in lines_of(reviews)})
     short = [("SHORT1", 1), ("SHORT2", 2), ("SHORT3", 2)]  # loo needs 3 events per user
-    write_lines(reviews, [*lines_of(reviews)] + [
-        review(reviewerID=u, asin=asins[k], unixReviewTime=1300000000 + k) for u, n in short for k in range(n)
-    ])
+    write_lines(
+        reviews,
+        [*lines_of(reviews)]
+        + [
+            review(reviewerID=u, asin=asins[k], unixReviewTime=1300000000 + k)
+            for u, n in short
+            for k in range(n)
+        ],
+    )
     caplog.set_level(logging.INFO)
     msg, cfg = run_in_process(tmp_path, ["data=electro", *RUN])
     assert msg is None and results(cfg.paths.output_dir)["status"] == "completed"

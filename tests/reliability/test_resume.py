@@ -35,7 +35,12 @@ KILLS = {  # case -> (checkpoint every n steps, the step the run hangs at and is
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("resume")
-    full = run_cli(tmp, *RUN, "callbacks.last_checkpoint.every_n_train_steps=4", f"hydra.run.dir={tmp / 'full'}")
+    full = run_cli(
+        tmp,
+        *RUN,
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        f"hydra.run.dir={tmp / 'full'}",
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     return tmp
 
@@ -56,28 +61,49 @@ def _by_step(rows: list[dict[str, str]], key: str) -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(KILLS))
-def test_sigkill_then_resume_matches_uninterrupted_run(case: str, uninterrupted: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_matches_uninterrupted_run(
+    case: str, uninterrupted: Path, tmp_path: Path
+) -> None:
     every, hang_at, ckpt_step, ckpt_epoch, position = KILLS[case]
-    run = [*RUN, f"callbacks.last_checkpoint.every_n_train_steps={every}", f"paths.data_dir={uninterrupted / 'data'}"]
+    run = [
+        *RUN,
+        f"callbacks.last_checkpoint.every_n_train_steps={every}",
+        f"paths.data_dir={uninterrupted / 'data'}",
+    ]
     killed_dir, marker = tmp_path / "killed", tmp_path / "hung"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *run,
-         f"hydra.run.dir={killed_dir}", "+callbacks.hang._target_=tests.reliability.helpers.HangAtStep",
-         f"+callbacks.hang.step={hang_at}", f"+callbacks.hang.marker={marker}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"paths.root_dir={tmp_path}",
+            *run,
+            f"hydra.run.dir={killed_dir}",
+            "+callbacks.hang._target_=tests.reliability.helpers.HangAtStep",
+            f"+callbacks.hang.step={hang_at}",
+            f"+callbacks.hang.marker={marker}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), f"the run never reached step {hang_at}: {proc.stderr.read()[-3000:] if proc.poll() is not None else 'timeout'}"
+    assert marker.exists(), (
+        f"the run never reached step {hang_at}: {proc.stderr.read()[-3000:] if proc.poll() is not None else 'timeout'}"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     last = killed_dir / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)  # plain data only
     assert (ckpt["global_step"], ckpt["epoch"]) == (ckpt_step, ckpt_epoch)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position], "the loader position"
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position], (
+        "the loader position"
+    )
 
     resumed = run_cli(tmp_path, *run, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -85,13 +111,31 @@ def test_sigkill_then_resume_matches_uninterrupted_run(case: str, uninterrupted:
     # the same final metrics, exactly
     a, b = results(uninterrupted / "full"), results(killed_dir)
     assert b["status"] == "completed"
-    print(f"\n{case}: " + "; ".join(f"{k} uninterrupted {a['metrics'][k]!r} resumed {b['metrics'][k]!r}"
-                                   for k in ("val/auc", "test/auc", "test/gauc", "test/logloss")))
-    for key in ("val/auc", "val/gauc", "val/logloss", "test/auc", "test/gauc", "test/pairwise_auc", "test/logloss"):
-        assert b["metrics"][key] == a["metrics"][key], f"{key}: resumed {b['metrics'][key]} vs uninterrupted {a['metrics'][key]}"
+    print(
+        f"\n{case}: "
+        + "; ".join(
+            f"{k} uninterrupted {a['metrics'][k]!r} resumed {b['metrics'][k]!r}"
+            for k in ("val/auc", "test/auc", "test/gauc", "test/logloss")
+        )
+    )
+    for key in (
+        "val/auc",
+        "val/gauc",
+        "val/logloss",
+        "test/auc",
+        "test/gauc",
+        "test/pairwise_auc",
+        "test/logloss",
+    ):
+        assert b["metrics"][key] == a["metrics"][key], (
+            f"{key}: resumed {b['metrics'][key]} vs uninterrupted {a['metrics'][key]}"
+        )
 
     # one continuous run in the logs: every step once, the same losses as the uninterrupted run
-    full_rows, rows = _rows(uninterrupted / "full" / "csv" / "metrics.csv"), _rows(killed_dir / "csv" / "metrics.csv")
+    full_rows, rows = (
+        _rows(uninterrupted / "full" / "csv" / "metrics.csv"),
+        _rows(killed_dir / "csv" / "metrics.csv"),
+    )
     steps = _by_step(rows, "train/loss_step")
     assert sorted(steps) == list(range(80)), "train steps 0..79, each once"
     assert steps == _by_step(full_rows, "train/loss_step"), "per-step training losses equal"

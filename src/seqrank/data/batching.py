@@ -50,7 +50,9 @@ class SampleArrays:
         return int(self.user.shape[0])
 
 
-def gather_numpy(events: EventArrays, samples: SampleArrays, idx: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
+def gather_numpy(
+    events: EventArrays, samples: SampleArrays, idx: np.ndarray, max_len: int
+) -> dict[str, np.ndarray]:
     """Gathers the batch `idx` into left-padded numpy arrays (see `Batch` for the fields)."""
     idx = np.asarray(idx, dtype=np.int64)
     user = samples.user[idx].astype(np.int64)
@@ -100,8 +102,12 @@ class BatchGatherDataset(torch.utils.data.Dataset):
         return to_batch(gather_numpy(self.events, self.samples, idx, self.max_len))
 
 
-def gather_torch(events: dict[str, torch.Tensor], samples: dict[str, torch.Tensor], idx: torch.Tensor,
-                 max_len: int) -> Batch:
+def gather_torch(
+    events: dict[str, torch.Tensor],
+    samples: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    max_len: int,
+) -> Batch:
     """`gather_numpy` with torch ops on tensors of any device (the device-resident store): the
     same arrays, value for value. `events` and `samples` hold the fields of `EventArrays` and
     `SampleArrays` as tensors; idx is (B,) int64 on their device."""
@@ -133,16 +139,23 @@ def to_device(arrays: EventArrays | SampleArrays, device: torch.device) -> dict[
     """Each field of the (memory-mapped) arrays as a tensor on `device`, read once."""
     with warnings.catch_warnings():  # read-only memory maps: the tensors are only ever read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(np.ascontiguousarray(value)).to(device)
-                for name, value in vars(arrays).items()}
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(value)).to(device)
+            for name, value in vars(arrays).items()
+        }
 
 
 class DeviceGatherDataset(torch.utils.data.Dataset):
     """`BatchGatherDataset` with the store on `device` (e.g. the GPU): the batch is gathered
     there (`gather_torch`), so only the (B,) indices cross from the host each step."""
 
-    def __init__(self, events: dict[str, torch.Tensor], samples: SampleArrays, max_len: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        events: dict[str, torch.Tensor],
+        samples: SampleArrays,
+        max_len: int,
+        device: torch.device,
+    ) -> None:
         if max_len < 1:
             raise ValueError(f"data.max_len={max_len}; expected an integer >= 1")
         self.events = events
@@ -237,7 +250,9 @@ class IndexBatchSampler(torch.utils.data.Sampler):
             yield idx[b : b + self.batch_size]
 
     def __len__(self) -> int:
-        m = len(self._indices()) if not self.shuffle else (
-            self.n if self.world_size == 1 else -(-self.n // self.world_size)
+        m = (
+            len(self._indices())
+            if not self.shuffle
+            else (self.n if self.world_size == 1 else -(-self.n // self.world_size))
         )
         return m // self.batch_size if self.drop_last else -(-m // self.batch_size)

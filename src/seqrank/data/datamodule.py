@@ -82,8 +82,14 @@ class SeqDataModule(L.LightningDataModule):
         super().__init__()
         check_protocol(protocol)
         if on_bad_line not in ON_BAD_LINE:
-            raise ValueError(f"data.on_bad_line={on_bad_line!r}; expected one of {list(ON_BAD_LINE)}")
-        for key, value in (("max_len", max_len), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            raise ValueError(
+                f"data.on_bad_line={on_bad_line!r}; expected one of {list(ON_BAD_LINE)}"
+            )
+        for key, value in (
+            ("max_len", max_len),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key}={value!r}; expected an integer >= 1")
         if num_workers < 0:
@@ -117,8 +123,12 @@ class SeqDataModule(L.LightningDataModule):
 
     # -- the store -------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        parts = {"source": self.source.fingerprint(), "protocol": self.protocol,
-                 "seed": self.seed, "on_bad_line": self.on_bad_line}
+        parts = {
+            "source": self.source.fingerprint(),
+            "protocol": self.protocol,
+            "seed": self.seed,
+            "on_bad_line": self.on_bad_line,
+        }
         if self.target_behaviors is not None:  # absent when every behaviour is a target
             parts["target_behaviors"] = list(self.target_behaviors)
         return fingerprint(parts)
@@ -127,8 +137,13 @@ class SeqDataModule(L.LightningDataModule):
         get = getattr(self.source, "split_times", None)
         return get() if self.protocol == "time" and get is not None else None
 
-    def _schema(self, vocab_sizes: dict[str, int], max_behavior: int, split_sizes: dict[str, int],
-                unknown_cate: int) -> Schema:
+    def _schema(
+        self,
+        vocab_sizes: dict[str, int],
+        max_behavior: int,
+        split_sizes: dict[str, int],
+        unknown_cate: int,
+    ) -> Schema:
         return Schema(
             name=self.name,
             num_users=vocab_sizes["user"],
@@ -143,14 +158,23 @@ class SeqDataModule(L.LightningDataModule):
         )
 
     def _meta(self, read_report: dict, preprocess_report: dict) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint(), "source": self.source.fingerprint(),
-                "reader": read_report, "preprocess": preprocess_report, "seed": self.seed}
+        return {
+            "fingerprint": self.fingerprint(),
+            "source": self.source.fingerprint(),
+            "reader": read_report,
+            "preprocess": preprocess_report,
+            "seed": self.seed,
+        }
 
-    def _oracle_scores(self, events, item_ids: np.ndarray, splits: dict) -> dict[str, np.ndarray] | None:  # noqa: ANN001
+    def _oracle_scores(
+        self, events, item_ids: np.ndarray, splits: dict
+    ) -> dict[str, np.ndarray] | None:  # noqa: ANN001
         oracle = self.source.oracle()
         if not oracle:
             return None
-        kw = {"target_behaviors": self.target_behaviors} if self.target_behaviors is not None else {}
+        kw = (
+            {"target_behaviors": self.target_behaviors} if self.target_behaviors is not None else {}
+        )
         return {k: oracle.score(events, item_ids, v, **kw) for k, v in splits.items()}
 
     def _build(self, final: Path) -> None:
@@ -158,16 +182,32 @@ class SeqDataModule(L.LightningDataModule):
         if self.chunk_rows is not None and callable(getattr(self.source, "scan", None)):
             return self._build_chunked(final)
         events, read_report = self.source.read(on_bad_line=self.on_bad_line)
-        p = preprocess(events, protocol=self.protocol, seed=self.seed,
-                       unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
-                       target_behaviors=self.target_behaviors, split_times=self._split_times())
+        p = preprocess(
+            events,
+            protocol=self.protocol,
+            seed=self.seed,
+            unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
+            target_behaviors=self.target_behaviors,
+            split_times=self._split_times(),
+        )
         del events
         splits = dict(p.splits)
-        schema = self._schema({k: len(v) for k, v in p.ids.items()}, int(p.events.behavior.max()),
-                              {k: len(v) for k, v in splits.items()}, p.unknown_cate)
+        schema = self._schema(
+            {k: len(v) for k, v in p.ids.items()},
+            int(p.events.behavior.max()),
+            {k: len(v) for k, v in splits.items()},
+            p.unknown_cate,
+        )
         scores = self._oracle_scores(p.events, p.ids["item"], splits)
-        write_store(final, schema=schema, meta=self._meta(read_report, p.report), events=p.events,
-                    splits=splits, ids=p.ids, oracle=scores)
+        write_store(
+            final,
+            schema=schema,
+            meta=self._meta(read_report, p.report),
+            events=p.events,
+            splits=splits,
+            ids=p.ids,
+            oracle=scores,
+        )
 
     def _build_chunked(self, final: Path) -> None:
         """Out of core (`preprocess_chunked`): arrays go straight to the store's temp folder."""
@@ -175,15 +215,30 @@ class SeqDataModule(L.LightningDataModule):
         with StoreWriter(final) as w:
             scratch = w.tmp / "_ranges"
             try:
-                p = preprocess_chunked(lazy, w, scratch, protocol=self.protocol, seed=self.seed,
-                                       chunk_rows=self.chunk_rows,
-                                       unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
-                                       target_behaviors=self.target_behaviors, split_times=self._split_times())
+                p = preprocess_chunked(
+                    lazy,
+                    w,
+                    scratch,
+                    protocol=self.protocol,
+                    seed=self.seed,
+                    chunk_rows=self.chunk_rows,
+                    unknown_cate_name=getattr(self.source, "unknown_cate_name", None),
+                    target_behaviors=self.target_behaviors,
+                    split_times=self._split_times(),
+                )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-            log.info("preprocessed %d events in %d range(s) of <= ~%d", p.report["events"], p.chunks, self.chunk_rows)
+            log.info(
+                "preprocessed %d events in %d range(s) of <= ~%d",
+                p.report["events"],
+                p.chunks,
+                self.chunk_rows,
+            )
             # the reader leaves the counts of its (lazy) table to the pass that reads it
-            read_report = {**read_report, **{k: v for k, v in p.input_counts.items() if read_report.get(k) is None}}
+            read_report = {
+                **read_report,
+                **{k: v for k, v in p.input_counts.items() if read_report.get(k) is None},
+            }
             w.close_appended()
             events, splits = load_arrays(w.tmp, list(p.split_sizes))
             scores = self._oracle_scores(events, np.load(w.tmp / "ids.item.npy"), splits)
@@ -191,7 +246,14 @@ class SeqDataModule(L.LightningDataModule):
                 w.save(f"{split}.oracle", sc)
             del events, splits
             schema = self._schema(p.vocab_sizes, p.max_behavior, p.split_sizes, p.unknown_cate)
-            w.commit(store_meta(self._meta(read_report, p.report), schema, list(p.split_sizes), list(scores or {})))
+            w.commit(
+                store_meta(
+                    self._meta(read_report, p.report),
+                    schema,
+                    list(p.split_sizes),
+                    list(scores or {}),
+                )
+            )
 
     def store_path(self) -> Path:
         return self.processed_dir / f"{self.name}-{self.fingerprint()[:12]}"
@@ -257,7 +319,9 @@ class SeqDataModule(L.LightningDataModule):
             device = self.trainer.strategy.root_device
         else:
             device = torch.device("cpu")
-        if self._device_events is None or self._device_events[0] != device:  # events: once per device
+        if (
+            self._device_events is None or self._device_events[0] != device
+        ):  # events: once per device
             self._device_events = (device, to_device(self.store.events, device))
         return DeviceGatherDataset(self._device_events[1], samples, self.max_len, device)
 
@@ -297,7 +361,9 @@ class ResumableDataLoader(DataLoader):
             self.sampler.load_state_dict(state)
 
 
-def target_behavior_ids(names: list[str] | tuple[str, ...] | None, behavior_names: tuple[str, ...]) -> tuple[int, ...] | None:
+def target_behavior_ids(
+    names: list[str] | tuple[str, ...] | None, behavior_names: tuple[str, ...]
+) -> tuple[int, ...] | None:
     """Behaviour names -> ids 1..K (sorted); None when `names` is None or names every behaviour."""
     if names is None:
         return None
@@ -306,6 +372,8 @@ def target_behavior_ids(names: list[str] | tuple[str, ...] | None, behavior_name
     names = list(names)
     unknown = [n for n in names if n not in behavior_names]
     if unknown or not names:
-        raise ValueError(f"data.target_behaviors={names}; expected a non-empty subset of {list(behavior_names)}")
+        raise ValueError(
+            f"data.target_behaviors={names}; expected a non-empty subset of {list(behavior_names)}"
+        )
     ids = tuple(sorted({behavior_names.index(n) + 1 for n in names}))
     return None if len(ids) == len(behavior_names) else ids

@@ -30,12 +30,16 @@ class BadLines:
 
     def __post_init__(self) -> None:
         if self.policy not in ON_BAD_LINE:
-            raise ValueError(f"data.on_bad_line={self.policy!r}; expected one of {list(ON_BAD_LINE)}")
+            raise ValueError(
+                f"data.on_bad_line={self.policy!r}; expected one of {list(ON_BAD_LINE)}"
+            )
 
     def bad(self, path: Path | str, line: int | None, reason: str) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
         if self.policy == "error":
-            raise DataError(f"{where}: {reason} (set data.on_bad_line=skip to skip and count such lines)")
+            raise DataError(
+                f"{where}: {reason} (set data.on_bad_line=skip to skip and count such lines)"
+            )
         key = str(Path(path).name)
         self.counts[key] = self.counts.get(key, 0) + 1
         if len(self.examples) < 5:

@@ -66,11 +66,15 @@ def _dense_ids(col: pl.Series) -> tuple[np.ndarray, pl.DataFrame]:
     return _ids_by_index(uniq), table
 
 
-def to_event_arrays(events: pl.DataFrame, *, unknown_cate_name: str | None = None) -> tuple[EventArrays, dict[str, np.ndarray], int]:
+def to_event_arrays(
+    events: pl.DataFrame, *, unknown_cate_name: str | None = None
+) -> tuple[EventArrays, dict[str, np.ndarray], int]:
     """Remaps raw ids to dense ints and sorts by (user, time), keeping file order on ties."""
     missing = [c for c in EVENT_COLUMNS if c not in events.columns]
     if missing:
-        raise ValueError(f"events table lacks column(s) {missing}; readers must return {list(EVENT_COLUMNS)}")
+        raise ValueError(
+            f"events table lacks column(s) {missing}; readers must return {list(EVENT_COLUMNS)}"
+        )
     user_ids, users = _dense_ids(events["user_id"])
     item_ids, items = _dense_ids(events["item_id"])
     cate_ids, cates = _dense_ids(events["cate_id"])
@@ -103,7 +107,9 @@ def to_event_arrays(events: pl.DataFrame, *, unknown_cate_name: str | None = Non
     return arrays, {"user": user_ids, "item": item_ids, "cate": cate_ids}, unknown
 
 
-def target_positions(lengths: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def target_positions(
+    lengths: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """All (user, pos) with lo[u] <= pos <= hi[u], vectorised; users with hi < lo give none."""
     n = np.maximum(hi - lo + 1, 0)
     user = np.repeat(np.arange(len(lengths)), n)
@@ -142,8 +148,9 @@ def _mix_int(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def negative_draws(user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: int, split: int,
-                   round: int = 0) -> np.ndarray:
+def negative_draws(
+    user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: int, split: int, round: int = 0
+) -> np.ndarray:
     """Item ids in [1, num_items), a hash of (seed, split, user, pos, round): counter-based, so a
     draw depends on nothing else (not on which other samples are drawn with it).
 
@@ -166,8 +173,16 @@ def negative_draws(user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: i
 
 
 def sample_negatives(
-    events: EventArrays, user: np.ndarray, pos: np.ndarray, num_items: int, *, seed: int,
-    split: str | int, user_base: int = 0, max_rounds: int = 1000, seen: np.ndarray | None = None,
+    events: EventArrays,
+    user: np.ndarray,
+    pos: np.ndarray,
+    num_items: int,
+    *,
+    seed: int,
+    split: str | int,
+    user_base: int = 0,
+    max_rounds: int = 1000,
+    seen: np.ndarray | None = None,
 ) -> np.ndarray:
     """One uniform negative item per (user, pos), never an item of that user's history.
 
@@ -191,14 +206,18 @@ def sample_negatives(
         todo = todo[hit]
         if len(todo) == 0:
             return neg.astype(np.int32)
-        neg[todo] = negative_draws(store_user[todo], pos[todo], num_items, seed=seed, split=code, round=r)
+        neg[todo] = negative_draws(
+            store_user[todo], pos[todo], num_items, seed=seed, split=code, round=r
+        )
     raise RuntimeError(
         f"could not draw negatives for {len(todo)} samples in {max_rounds} rounds: "
         "some users have interacted with (almost) every item"
     )
 
 
-def pair_samples(user: np.ndarray, pos: np.ndarray, events: EventArrays, negatives: np.ndarray) -> SampleArrays:
+def pair_samples(
+    user: np.ndarray, pos: np.ndarray, events: EventArrays, negatives: np.ndarray
+) -> SampleArrays:
     """Interleaves each positive with its negative: rows 2k (label 1) and 2k+1 (label 0)."""
     target = events.item[events.user_offsets[user] + pos]
     return SampleArrays(
@@ -229,12 +248,19 @@ def split_masks(
     pos = (np.arange(len(owner), dtype=np.int64) - events.user_offsets[owner]).astype(np.int32)
     target = pos >= 1
     if target_behaviors is not None:
-        target &= np.isin(events.behavior, np.asarray(target_behaviors, dtype=events.behavior.dtype))
+        target &= np.isin(
+            events.behavior, np.asarray(target_behaviors, dtype=events.behavior.dtype)
+        )
     if protocol == "time":
-        val_start, test_start = split_times if split_times is not None else default_split_times(events.ts)
+        val_start, test_start = (
+            split_times if split_times is not None else default_split_times(events.ts)
+        )
         ts = np.asarray(events.ts)
-        masks = {"train": target & (ts < val_start), "val": target & (ts >= val_start) & (ts < test_start),
-                 "test": target & (ts >= test_start)}
+        masks = {
+            "train": target & (ts < val_start),
+            "val": target & (ts >= val_start) & (ts < test_start),
+            "test": target & (ts >= test_start),
+        }
         return owner, pos, masks
     # rank of each target from the user's end: 1 = last target, 2 = second-last, ...
     before = np.concatenate([[0], np.cumsum(target)])  # targets before each event index
@@ -267,23 +293,39 @@ def make_splits(
             two UTC days.
     """
     check_protocol(protocol)
-    return _splits(events, protocol, seed, int(len(events.item_cate)), target_behaviors=target_behaviors,
-                   split_times=split_times)
+    return _splits(
+        events,
+        protocol,
+        seed,
+        int(len(events.item_cate)),
+        target_behaviors=target_behaviors,
+        split_times=split_times,
+    )
 
 
 def _splits(
-    events: EventArrays, protocol: str, seed: int, num_items: int, *,
-    target_behaviors: Sequence[int] | None, split_times: tuple[int, int] | None, user_base: int = 0,
+    events: EventArrays,
+    protocol: str,
+    seed: int,
+    num_items: int,
+    *,
+    target_behaviors: Sequence[int] | None,
+    split_times: tuple[int, int] | None,
+    user_base: int = 0,
 ) -> dict[str, SampleArrays]:
     """Samples per split of the users in `events`; their store ids are `user_base` + index."""
-    owner, pos, masks = split_masks(events, protocol, target_behaviors=target_behaviors, split_times=split_times)
+    owner, pos, masks = split_masks(
+        events, protocol, target_behaviors=target_behaviors, split_times=split_times
+    )
     seen = seen_keys(events, num_items)
     out = {}
     for split in ("train", "val", "test"):
         if split not in masks:
             continue
         user, p = owner[masks[split]], pos[masks[split]]  # sorted by (user, pos)
-        neg = sample_negatives(events, user, p, num_items, seed=seed, split=split, user_base=user_base, seen=seen)
+        neg = sample_negatives(
+            events, user, p, num_items, seed=seed, split=split, user_base=user_base, seen=seen
+        )
         s = pair_samples(user, p, events, neg)
         if user_base:
             s.user += np.int32(user_base)
@@ -313,8 +355,10 @@ def drop_users_without_targets(
         events.select("user_id", "timestamp", "behavior")
         .with_row_index("_row")
         .group_by("user_id")
-        .agg(wanted.sum().alias("targets"),
-             wanted.sort_by(["timestamp", "_row"]).first().cast(pl.UInt32).alias("first_is_target"))
+        .agg(
+            wanted.sum().alias("targets"),
+            wanted.sort_by(["timestamp", "_row"]).first().cast(pl.UInt32).alias("first_is_target"),
+        )
     )
     short = per_user.filter(pl.col("targets") - pl.col("first_is_target") < min_targets)
     if short.height == 0:
@@ -353,11 +397,27 @@ def preprocess(
     arrays, ids, unknown = to_event_arrays(events, unknown_cate_name=unknown_cate_name)
     if protocol == "time" and split_times is None:
         split_times = default_split_times(arrays.ts)
-    splits = make_splits(arrays, protocol, seed, target_behaviors=target_behaviors, split_times=split_times)
-    _check_nonempty(protocol, {k: len(v) for k, v in splits.items()}, split_times,
-                    (int(arrays.ts.min()), int(arrays.ts.max())), target_behaviors)
-    report = _report(protocol, need, dropped, target_behaviors, split_times, len(arrays.item),
-                     {k: len(v) for k, v in ids.items()}, arrays.item_cate, unknown)
+    splits = make_splits(
+        arrays, protocol, seed, target_behaviors=target_behaviors, split_times=split_times
+    )
+    _check_nonempty(
+        protocol,
+        {k: len(v) for k, v in splits.items()},
+        split_times,
+        (int(arrays.ts.min()), int(arrays.ts.max())),
+        target_behaviors,
+    )
+    report = _report(
+        protocol,
+        need,
+        dropped,
+        target_behaviors,
+        split_times,
+        len(arrays.item),
+        {k: len(v) for k, v in ids.items()},
+        arrays.item_cate,
+        unknown,
+    )
     return Processed(events=arrays, splits=splits, ids=ids, unknown_cate=unknown, report=report)
 
 
@@ -370,14 +430,26 @@ def _target_ids(target_behaviors: Sequence[int] | None) -> tuple[int, ...] | Non
     return ids
 
 
-def _nobody(protocol: str, need: int, target_behaviors: tuple[int, ...] | None, dropped: int) -> None:
-    what = (f"{need + 1} events" if target_behaviors is None
-            else f"{need} target events (behaviours {list(target_behaviors)}) after the first")
-    raise ValueError(f"no user has the {what} that protocol {protocol!r} needs ({dropped} users dropped)")
+def _nobody(
+    protocol: str, need: int, target_behaviors: tuple[int, ...] | None, dropped: int
+) -> None:
+    what = (
+        f"{need + 1} events"
+        if target_behaviors is None
+        else f"{need} target events (behaviours {list(target_behaviors)}) after the first"
+    )
+    raise ValueError(
+        f"no user has the {what} that protocol {protocol!r} needs ({dropped} users dropped)"
+    )
 
 
-def _check_nonempty(protocol: str, sizes: dict[str, int], split_times: tuple[int, int] | None,
-                    ts_range: tuple[int, int], target_behaviors: tuple[int, ...] | None) -> None:
+def _check_nonempty(
+    protocol: str,
+    sizes: dict[str, int],
+    split_times: tuple[int, int] | None,
+    ts_range: tuple[int, int],
+    target_behaviors: tuple[int, ...] | None,
+) -> None:
     empty = [k for k, v in sizes.items() if v == 0]
     if protocol == "time" and empty:  # paper/loo may leave train empty for 2- or 3-event users
         raise ValueError(
@@ -386,9 +458,17 @@ def _check_nonempty(protocol: str, sizes: dict[str, int], split_times: tuple[int
         )
 
 
-def _report(protocol: str, need: int, dropped: int, target_behaviors: tuple[int, ...] | None,
-            split_times: tuple[int, int] | None, events: int, vocab_sizes: dict[str, int],
-            item_cate: np.ndarray, unknown: int) -> dict[str, Any]:
+def _report(
+    protocol: str,
+    need: int,
+    dropped: int,
+    target_behaviors: tuple[int, ...] | None,
+    split_times: tuple[int, int] | None,
+    events: int,
+    vocab_sizes: dict[str, int],
+    item_cate: np.ndarray,
+    unknown: int,
+) -> dict[str, Any]:
     report = {
         "users_dropped_too_short": int(dropped),
         "min_events": need + 1,
@@ -427,19 +507,30 @@ class ChunkedResult:
     input_counts: dict[str, int] = field(default_factory=dict)  # of the events given, before drops
 
 
-def _user_table(lf: pl.LazyFrame, need: int, target_behaviors: tuple[int, ...] | None) -> pl.DataFrame:
+def _user_table(
+    lf: pl.LazyFrame, need: int, target_behaviors: tuple[int, ...] | None
+) -> pl.DataFrame:
     """One row per user, sorted by raw id: `n` events and `keep` (enough targets), streamed.
 
     A target is an event at position >= 1: with target behaviours, whether a user's first event
     (smallest (timestamp, row)) is one needs a second, small pass over the users' first instants.
     """
     if target_behaviors is None:
-        users = lf.group_by("user_id").agg(pl.len().alias("n")).collect(engine="streaming").sort("user_id")
+        users = (
+            lf.group_by("user_id")
+            .agg(pl.len().alias("n"))
+            .collect(engine="streaming")
+            .sort("user_id")
+        )
         return users.with_columns((pl.col("n") - 1 >= need).alias("keep"))
     wanted = pl.col("behavior").is_in(list(target_behaviors))
     users = (
         lf.group_by("user_id")
-        .agg(pl.len().alias("n"), wanted.sum().alias("targets"), pl.col("timestamp").min().alias("t0"))
+        .agg(
+            pl.len().alias("n"),
+            wanted.sum().alias("targets"),
+            pl.col("timestamp").min().alias("t0"),
+        )
         .collect(engine="streaming")
         .sort("user_id")
     )
@@ -462,7 +553,9 @@ def _read_range(scratch: Path, chunk: int, columns: list[str] | None = None) -> 
     """The events of one user range, as `preprocess_chunked` step 2 wrote them."""
     files = sorted((scratch / f"_chunk={chunk}").glob("*.ipc"))
     if not files:
-        raise RuntimeError(f"{scratch}: no events for range {chunk} (polars' partition layout changed?)")
+        raise RuntimeError(
+            f"{scratch}: no events for range {chunk} (polars' partition layout changed?)"
+        )
     return pl.concat([pl.read_ipc(f, columns=columns) for f in files])
 
 
@@ -488,7 +581,9 @@ class _Vocab:
         return (self.uniq.search_sorted(values).to_numpy() + 1).astype(np.int32)
 
 
-def _vocabularies(scratch: Path, chunks: np.ndarray) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
+def _vocabularies(
+    scratch: Path, chunks: np.ndarray
+) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
     """Sorted unique raw item and category ids of the kept events, the distinct counts of all
     events, and the kept events' (min, max) timestamp: range by range, presence bitmaps over the
     id range when ids are small non-negative integers, else polars' streaming unique."""
@@ -504,7 +599,9 @@ def _vocabularies(scratch: Path, chunks: np.ndarray) -> tuple[dict[str, pl.Serie
                 return _vocabularies_polars(scratch)
             v = s.to_numpy()
             if v.max() >= len(seen[c]):
-                seen[c] = np.concatenate([seen[c], np.zeros(int(v.max()) + 1 - len(seen[c]), np.uint8)])
+                seen[c] = np.concatenate(
+                    [seen[c], np.zeros(int(v.max()) + 1 - len(seen[c]), np.uint8)]
+                )
             seen[c][v] |= 1
             seen[c][v[keep]] |= 2
         if keep.any():
@@ -514,7 +611,9 @@ def _vocabularies(scratch: Path, chunks: np.ndarray) -> tuple[dict[str, pl.Serie
     return vocab, {c: int(np.count_nonzero(seen[c])) for c in cols}, (lo, hi)
 
 
-def _vocabularies_polars(scratch: Path) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
+def _vocabularies_polars(
+    scratch: Path,
+) -> tuple[dict[str, pl.Series], dict[str, int], tuple[int, int]]:
     parts = pl.scan_ipc(str(scratch / "**" / "*.ipc"), hive_partitioning=False)
     kept = parts.filter(pl.col("_keep"))
     item, cate, counts, ts = pl.collect_all(
@@ -522,7 +621,9 @@ def _vocabularies_polars(scratch: Path) -> tuple[dict[str, pl.Series], dict[str,
             kept.select(pl.col("item_id").unique()),
             kept.select(pl.col("cate_id").unique()),
             parts.select(pl.col("item_id").n_unique(), pl.col("cate_id").n_unique()),
-            kept.select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")),
+            kept.select(
+                pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi")
+            ),
         ],
         engine="streaming",
     )
@@ -577,14 +678,20 @@ def preprocess_chunked(
     table = users.select("user_id", pl.Series("_chunk", chunk), pl.Series("_keep", keep))
     # file order kept: a log already grouped by user and time (Taobao's) then sorts in no time
     lf.join(table.lazy(), on="user_id", maintain_order="left").sink_ipc(
-        pl.PartitionBy(str(scratch), key="_chunk", include_key=False), mkdir=True, maintain_order=True,
+        pl.PartitionBy(str(scratch), key="_chunk", include_key=False),
+        mkdir=True,
+        maintain_order=True,
         engine="streaming",
     )
 
     chunk_ids = np.unique(chunk)
     vocab, distinct, ts_range = _vocabularies(scratch, chunk_ids)  # 3.
     vocab_user = users.filter(pl.col("keep"))["user_id"]
-    vocab_sizes = {"user": len(vocab_user) + 1, "item": len(vocab["item_id"]) + 1, "cate": len(vocab["cate_id"]) + 1}
+    vocab_sizes = {
+        "user": len(vocab_user) + 1,
+        "item": len(vocab["item_id"]) + 1,
+        "cate": len(vocab["cate_id"]) + 1,
+    }
     unknown = 0
     for kind, raw in (("user", vocab_user), ("item", vocab["item_id"]), ("cate", vocab["cate_id"])):
         by_index = _ids_by_index(raw)  # strings: written now, not held
@@ -624,8 +731,15 @@ def preprocess_chunked(
             sink.append(f"events.{f}", getattr(arrays, f))
         sink.append("user_offsets", arrays.user_offsets[2:] + n_events)
         # local user j (1..) is store user n_users + j: ranges are in raw-id order
-        splits = _splits(arrays, protocol, seed, num_items, target_behaviors=target_behaviors,
-                         split_times=split_times, user_base=n_users)
+        splits = _splits(
+            arrays,
+            protocol,
+            seed,
+            num_items,
+            target_behaviors=target_behaviors,
+            split_times=split_times,
+            user_base=n_users,
+        )
         for split, s in splits.items():
             for f in ("user", "pos", "target", "label"):
                 sink.append(f"{split}.{f}", getattr(s, f))
@@ -635,13 +749,35 @@ def preprocess_chunked(
         n_ranges += 1
         max_behavior = max(max_behavior, int(arrays.behavior.max()))
     if n_users != vocab_sizes["user"] - 1 or n_events != int(n[keep].sum()):
-        raise RuntimeError(f"{scratch}: read {n_users} users / {n_events} events back, expected "
-                           f"{vocab_sizes['user'] - 1} / {int(n[keep].sum())} (polars' partition layout changed?)")
+        raise RuntimeError(
+            f"{scratch}: read {n_users} users / {n_events} events back, expected "
+            f"{vocab_sizes['user'] - 1} / {int(n[keep].sum())} (polars' partition layout changed?)"
+        )
     sink.save("item_cate", item_cate)
     _check_nonempty(protocol, sizes, split_times, ts_range, target_behaviors)
-    report = _report(protocol, need, dropped, target_behaviors, split_times, n_events, vocab_sizes, item_cate,
-                     unknown)
-    input_counts = {"events": int(n.sum()), "users": len(users), "items": distinct["item_id"],
-                    "cates": distinct["cate_id"]}
-    return ChunkedResult(vocab_sizes=vocab_sizes, unknown_cate=unknown, split_sizes=sizes, max_behavior=max_behavior,
-                         chunks=n_ranges, report=report, input_counts=input_counts)
+    report = _report(
+        protocol,
+        need,
+        dropped,
+        target_behaviors,
+        split_times,
+        n_events,
+        vocab_sizes,
+        item_cate,
+        unknown,
+    )
+    input_counts = {
+        "events": int(n.sum()),
+        "users": len(users),
+        "items": distinct["item_id"],
+        "cates": distinct["cate_id"],
+    }
+    return ChunkedResult(
+        vocab_sizes=vocab_sizes,
+        unknown_cate=unknown,
+        split_sizes=sizes,
+        max_behavior=max_behavior,
+        chunks=n_ranges,
+        report=report,
+        input_counts=input_counts,
+    )

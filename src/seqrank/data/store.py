@@ -82,7 +82,11 @@ class NpyAppender:
         self._file.write(self._header(self._MAX, self._size))
 
     def _header(self, shape: tuple[int, ...], size: int | None = None) -> bytes:
-        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        d = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": shape,
+        }
         text = "{" + "".join(f"'{k}': {v!r}, " for k, v in sorted(d.items())) + "}"
         # magic (6) + version (2) + length (2) + text + padding + newline, a multiple of 64
         need = 10 + len(text) + 1
@@ -151,7 +155,9 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def store_meta(meta: dict[str, Any], schema: Schema, splits: list[str], oracle: list[str]) -> dict[str, Any]:
+def store_meta(
+    meta: dict[str, Any], schema: Schema, splits: list[str], oracle: list[str]
+) -> dict[str, Any]:
     """meta.json's content: the caller's meta plus the schema and the names of splits/oracles."""
     return {**meta, "schema": schema.to_dict(), "splits": list(splits), "oracle": sorted(oracle)}
 

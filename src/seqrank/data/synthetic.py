@@ -34,7 +34,23 @@ from seqrank.data.batching import EventArrays, SampleArrays
 
 DAY = 86400
 _ALNUM = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
-_WORDS = ["good", "great", "fine", "works", "cable", "case", "phone", "charger", "battery", "screen", "sound", "light", "fast", "cheap", "solid"]
+_WORDS = [
+    "good",
+    "great",
+    "fine",
+    "works",
+    "cable",
+    "case",
+    "phone",
+    "charger",
+    "battery",
+    "screen",
+    "sound",
+    "light",
+    "fast",
+    "cheap",
+    "solid",
+]
 
 
 @dataclass(frozen=True)
@@ -60,15 +76,30 @@ class SyntheticAmazonSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_users", "num_items", "num_cates", "min_events", "max_events", "taste_window"):
+        for name in (
+            "num_users",
+            "num_items",
+            "num_cates",
+            "min_events",
+            "max_events",
+            "taste_window",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected >= 1")
         if self.num_items < self.num_cates * 2:
             raise ValueError(
                 f"num_items={self.num_items} must be at least 2 x num_cates={self.num_cates}"
             )
-        for name in ("zipf_item", "zipf_cate", "p_complement_recent", "p_complement_stale", "p_taste",
-                     "p_noise", "p_recent_gap", "frac_items_without_meta"):
+        for name in (
+            "zipf_item",
+            "zipf_cate",
+            "p_complement_recent",
+            "p_complement_stale",
+            "p_taste",
+            "p_noise",
+            "p_recent_gap",
+            "frac_items_without_meta",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected >= 0")
         for name in ("p_recent_gap", "frac_items_without_meta"):
@@ -87,8 +118,15 @@ class SyntheticAmazonSpec:
 class AmazonOracle:
     """The generator's exact conditional probability of the next item (see module docstring)."""
 
-    def __init__(self, spec: SyntheticAmazonSpec, asins: np.ndarray, item_cate: np.ndarray,
-                 item_w: np.ndarray, comp: np.ndarray, catpop: np.ndarray) -> None:
+    def __init__(
+        self,
+        spec: SyntheticAmazonSpec,
+        asins: np.ndarray,
+        item_cate: np.ndarray,
+        item_w: np.ndarray,
+        comp: np.ndarray,
+        catpop: np.ndarray,
+    ) -> None:
         self.spec, self.asins, self.item_cate = spec, asins, item_cate
         self.item_w, self.comp, self.catpop = item_w, comp, catpop
 
@@ -96,7 +134,9 @@ class AmazonOracle:
     def build(cls, spec: SyntheticAmazonSpec) -> AmazonOracle:
         rng = np.random.default_rng([spec.seed, 1])
         n_items, C = spec.num_items, spec.num_cates
-        item_cate = np.concatenate([np.arange(C), rng.integers(0, C, n_items - C)])  # every cate used
+        item_cate = np.concatenate(
+            [np.arange(C), rng.integers(0, C, n_items - C)]
+        )  # every cate used
         rng.shuffle(item_cate)
         item_w = np.zeros(n_items)
         for c in range(C):  # Zipf within each category, random rank order
@@ -160,8 +200,15 @@ class AmazonOracle:
         return p_item + s.p_noise / (s.num_items - samples.pos)
 
     def save(self, path: Path) -> None:
-        np.savez(path, asins=self.asins, item_cate=self.item_cate, item_w=self.item_w,
-                 comp=self.comp, catpop=self.catpop, spec=json.dumps(asdict(self.spec)))
+        np.savez(
+            path,
+            asins=self.asins,
+            item_cate=self.item_cate,
+            item_w=self.item_w,
+            comp=self.comp,
+            catpop=self.catpop,
+            spec=json.dumps(asdict(self.spec)),
+        )
 
     @classmethod
     def load(cls, path: Path) -> AmazonOracle:
@@ -188,7 +235,9 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
     comp_cdf = np.cumsum(oracle.comp, axis=1)
     cat_cdf = np.cumsum(oracle.catpop)
     extra = max(s.mean_events - s.min_events, 0.0)
-    lengths = np.minimum(s.min_events + rng.geometric(1.0 / (extra + 1.0), s.num_users) - 1, s.max_events)
+    lengths = np.minimum(
+        s.min_events + rng.geometric(1.0 / (extra + 1.0), s.num_users) - 1, s.max_events
+    )
     first_day = rng.integers(14000, 15900, s.num_users)  # 2008-05 .. 2013-07
     out = []
     for u in range(s.num_users):
@@ -202,7 +251,11 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
                 gap = int(rng.integers(1, 4)) if recent else int(8 + rng.geometric(1 / 60))
                 day += gap
             r = rng.random()
-            pc = (s.p_complement_recent if gap <= s.recent_days else s.p_complement_stale) if k else 0.0
+            pc = (
+                (s.p_complement_recent if gap <= s.recent_days else s.p_complement_stale)
+                if k
+                else 0.0
+            )
             pt = s.p_taste if k else 0.0
             item = -1
             if r < s.p_noise:
@@ -228,8 +281,11 @@ def simulate(oracle: AmazonOracle) -> list[tuple[int, int, int]]:
 @contextlib.contextmanager
 def _gzip_text(path: Path) -> Iterator[io.TextIOWrapper]:
     """A gzip text writer with a zero header mtime, so equal specs give byte-identical files."""
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-            io.TextIOWrapper(gz, encoding="utf-8") as f:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+        io.TextIOWrapper(gz, encoding="utf-8") as f,
+    ):
         yield f
 
 
@@ -238,7 +294,9 @@ def _review_time(day: int) -> str:
     return f"{d.month:02d} {d.day}, {d.year}"
 
 
-def generate_amazon(out_dir: Path | str, spec: SyntheticAmazonSpec, *, name: str = "Synthetic") -> tuple[Path, Path, Path]:
+def generate_amazon(
+    out_dir: Path | str, spec: SyntheticAmazonSpec, *, name: str = "Synthetic"
+) -> tuple[Path, Path, Path]:
     """Writes reviews, meta and the oracle for `spec` into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,14 +333,17 @@ def generate_amazon(out_dir: Path | str, spec: SyntheticAmazonSpec, *, name: str
                 continue
             rec: dict = {"asin": str(oracle.asins[i])}
             if i % 3:
-                rec["title"] = f"Item {i} it's \"great\""
+                rec["title"] = f'Item {i} it\'s "great"'
             if i % 4:
                 rec["price"] = round(5 + (i * 7.31) % 200, 2)
             rec["related"] = {"also_bought": [str(oracle.asins[(i + 1) % spec.num_items])]}
             if i % 5:
                 rec["salesRank"] = {"Electronics": int(i * 13 % 100000)}
             c = cate_names[oracle.item_cate[i]]
-            rec["categories"] = [["Electronics", "Accessories"], ["Electronics", f"Group{oracle.item_cate[i] % 5}", c]]
+            rec["categories"] = [
+                ["Electronics", "Accessories"],
+                ["Electronics", f"Group{oracle.item_cate[i] % 5}", c],
+            ]
             f.write(repr(rec) + "\n")  # Python literal, as in the real meta files
     tmp.replace(meta)
     oracle_path = out_dir / f"oracle_{name}.npz"
@@ -299,7 +360,9 @@ class SyntheticAmazonSource:
         name: the category word in the file names.
     """
 
-    def __init__(self, *, raw_dir: str | Path, spec: dict | None = None, name: str = "Synthetic") -> None:
+    def __init__(
+        self, *, raw_dir: str | Path, spec: dict | None = None, name: str = "Synthetic"
+    ) -> None:
         from seqrank.data.sources.amazon import UNKNOWN_CATE
 
         self.spec = SyntheticAmazonSpec(**dict(spec or {}))
@@ -308,8 +371,11 @@ class SyntheticAmazonSource:
         self.unknown_cate_name = UNKNOWN_CATE
 
     def paths(self) -> tuple[Path, Path, Path]:
-        return (self.raw_dir / f"reviews_{self.name}_5.json.gz", self.raw_dir / f"meta_{self.name}.json.gz",
-                self.raw_dir / f"oracle_{self.name}.npz")
+        return (
+            self.raw_dir / f"reviews_{self.name}_5.json.gz",
+            self.raw_dir / f"meta_{self.name}.json.gz",
+            self.raw_dir / f"oracle_{self.name}.npz",
+        )
 
     def prepare(self) -> None:
         from filelock import FileLock
@@ -339,4 +405,7 @@ class SyntheticAmazonSource:
 def _spec_tag(spec: SyntheticAmazonSpec) -> str:
     import hashlib
 
-    return "synthetic-" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    return (
+        "synthetic-"
+        + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    )

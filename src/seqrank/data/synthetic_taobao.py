@@ -138,7 +138,13 @@ class SyntheticTaobaoSpec:
             )
         if self.p_follow >= 1:
             raise ValueError(f"data.source.spec.p_follow={self.p_follow}; expected < 1")
-        for name in ("intent_hours", "intent_delay_hours", "session_gap_seconds", "zipf_item", "zipf_cate"):
+        for name in (
+            "intent_hours",
+            "intent_delay_hours",
+            "session_gap_seconds",
+            "zipf_item",
+            "zipf_cate",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.source.spec.{name}={getattr(self, name)}; expected >= 0")
 

@@ -51,7 +51,9 @@ class Schema:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Schema: unknown keys {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(
+                f"Schema: unknown keys {unknown}; expected a subset of {sorted(known)}"
+            )
         d = dict(d)
         d["behavior_names"] = tuple(d.get("behavior_names", ()))
         return cls(**d)

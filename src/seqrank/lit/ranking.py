@@ -58,7 +58,9 @@ class RankingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if gradient_clip_val is not None and gradient_clip_val <= 0:
-            raise ValueError(f"model.gradient_clip_val={gradient_clip_val}; expected a float > 0 or null")
+            raise ValueError(
+                f"model.gradient_clip_val={gradient_clip_val}; expected a float > 0 or null"
+            )
         # Plain values only: checkpoints then load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.optimizer_factory = optimizer
@@ -96,7 +98,14 @@ class RankingModule(L.LightningModule):
         self._train_loss_sum.add_(loss.detach(), alpha=len(batch))
         self._train_loss_count += len(batch)
         if self._writes_step_logs():
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch))
+            self.log(
+                "train/loss_step",
+                loss,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                batch_size=len(batch),
+            )
         return loss
 
     def _writes_step_logs(self) -> bool:
@@ -115,7 +124,9 @@ class RankingModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._train_loss_count:
             mean = (self._train_loss_sum / self._train_loss_count).float()
-            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, prog_bar=True, batch_size=1)
+            self.log(
+                "train/loss_epoch", mean, on_step=False, on_epoch=True, prog_bar=True, batch_size=1
+            )
 
     def _eval_step(self, stage: str, batch: Batch) -> None:
         logits = self.net(batch).float()
@@ -211,7 +222,9 @@ class RankingModule(L.LightningModule):
         if saved is None or schema is None:
             return
         keys = ("num_users", "num_items", "num_cates", "num_behaviors")
-        diff = {k: (saved[k], getattr(schema, k)) for k in keys if saved.get(k) != getattr(schema, k)}
+        diff = {
+            k: (saved[k], getattr(schema, k)) for k in keys if saved.get(k) != getattr(schema, k)
+        }
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a} vs data {b}" for k, (a, b) in diff.items())
             raise SchemaMismatchError(

@@ -147,9 +147,7 @@ class BehaviorEmbedding(nn.Module):
         """
         return torch.cat([self.item(item), self.cate(cate)], dim=-1)  # (..., 2E)
 
-    def forward(
-        self, obj: Tensor, bucket: Tensor, action: Tensor | None, group: Tensor
-    ) -> Tensor:
+    def forward(self, obj: Tensor, bucket: Tensor, action: Tensor | None, group: Tensor) -> Tensor:
         """Args:
             obj: (B, L, 2E) object embeddings (`objects`).
             bucket: (B, L) time bucket ids.
@@ -242,7 +240,10 @@ class Attention(nn.Module):
         return self.ln(out + queries), weights
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        x: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """Self-attention of length groups, their tokens flat: the Q/K/V denses, the residual
@@ -282,7 +283,11 @@ class Attention(nn.Module):
         return self.ln(out + x)  # (T or R, D)
 
     def forward_target_groups(
-        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        u: Tensor,
+        keys: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """The vanilla attention of length groups: one query per sample to its group's keys.
@@ -302,7 +307,9 @@ class Attention(nn.Module):
         if offsets is not None and ragged_kernel(u) is not None:  # one query, the real keys
             queries = torch.arange(len(u) + 1, device=u.device)  # (B + 1,) one row each
             kv = _stacked(keys, self.k, self.v).view(-1, 2, H, D // H)  # (R or T, 2, H, d)
-            out = ragged_cross_attention(self.q(u).view(-1, H, D // H), kv, queries, offsets, p, relu=True)
+            out = ragged_cross_attention(
+                self.q(u).view(-1, H, D // H), kv, queries, offsets, p, relu=True
+            )
             return self.ln(out + u)  # (B, D)
         q = self.q(u).view(-1, 1, H, D // H).split([m.shape[0] for m in masks])  # (n, 1, H, d)
         T = sum(m.numel() for m in masks)
@@ -355,14 +362,21 @@ class Block(nn.Module):
         return self.ffn(x), weights
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        x: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """Self-attention block of length groups, tokens flat (`Attention.forward_groups`)."""
         return self.ffn(self.attn.forward_groups(x, masks, real, offsets))  # (T or R, D)
 
     def forward_target_groups(
-        self, u: Tensor, keys: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        u: Tensor,
+        keys: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """Vanilla attention block of length groups (`Attention.forward_target_groups`)."""
@@ -613,7 +627,9 @@ class ATRank(nn.Module):
         item = flat(0)[0]
         obj = self.behaviors.objects(
             torch.cat([item, batch.target_item if order is None else batch.target_item[order]]),
-            torch.cat([flat(1)[0], batch.target_cate if order is None else batch.target_cate[order]]),
+            torch.cat(
+                [flat(1)[0], batch.target_cate if order is None else batch.target_cate[order]]
+            ),
         )  # (R + B, 2E)
         # split, not two slices: a slice's backward zero-fills the whole (R + B, 2E) gradient
         hist_obj, target_obj = obj.split([len(item), len(batch.target_item)])  # (R, 2E), (B, 2E)

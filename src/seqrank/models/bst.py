@@ -108,9 +108,7 @@ class BST(nn.Module):
             f"mlp_dropout must be in [0, 1), got mlp_dropout={mlp_dropout}",
         )
         _check(pooling in POOLINGS, f"pooling={pooling!r} must be one of {POOLINGS}")
-        _check(
-            length_groups >= 0, f"length_groups must be >= 0, got length_groups={length_groups}"
-        )
+        _check(length_groups >= 0, f"length_groups must be >= 0, got length_groups={length_groups}")
         ffn_dim = d_model if ffn_dim is None else ffn_dim
         _check(ffn_dim >= 1, f"ffn_dim must be >= 1, got ffn_dim={ffn_dim}")
         self.d_model = d_model

@@ -26,8 +26,14 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     if not isinstance(cfg, DictConfig):
-        raise TypeError(f"expected a config group mapping names to objects, got {type(cfg).__name__}")
-    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+        raise TypeError(
+            f"expected a config group mapping names to objects, got {type(cfg).__name__}"
+        )
+    return [
+        hydra.utils.instantiate(c)
+        for c in cfg.values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
@@ -39,14 +45,20 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
 
 
 @rank_zero_only
-def print_config_tree(cfg: DictConfig, order: Sequence[str] = ("data", "model", "callbacks", "logger", "trainer", "paths"), save_to: Path | None = None) -> None:
+def print_config_tree(
+    cfg: DictConfig,
+    order: Sequence[str] = ("data", "model", "callbacks", "logger", "trainer", "paths"),
+    save_to: Path | None = None,
+) -> None:
     """Prints the composed config as a rich tree (and saves it as text beside the run)."""
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
     fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
     for f in fields:
         branch = tree.add(f, style="bold", guide_style="dim")
         value = cfg[f]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to is not None:

@@ -29,7 +29,16 @@ _STRING = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(r'\\(.)|"')
 _JSON_WORD = re.compile(r"\b(?:true|false|null)\b")
 # Python escape -> JSON escape, where both mean the same character
-_SAME_ESCAPES = {"\\": "\\\\", "'": "'", '"': '\\"', "n": "\\n", "t": "\\t", "r": "\\r", "b": "\\b", "f": "\\f"}
+_SAME_ESCAPES = {
+    "\\": "\\\\",
+    "'": "'",
+    '"': '\\"',
+    "n": "\\n",
+    "t": "\\t",
+    "r": "\\r",
+    "b": "\\b",
+    "f": "\\f",
+}
 
 # Public 2014 file names per category; the data configs refer to the short CLI word.
 CATEGORIES = {
@@ -181,7 +190,9 @@ def parse_literal(text: str) -> object:
             js = text.replace("'", '"')
         else:
             js = _STRING.sub(_json_string, text)
-        if not ("true" in js or "false" in js or "null" in js) or not _JSON_WORD.search(_STRING.sub("", text)):
+        if not ("true" in js or "false" in js or "null" in js) or not _JSON_WORD.search(
+            _STRING.sub("", text)
+        ):
             return json.loads(js, parse_constant=_no_constant)
     except (_NotJson, ValueError):
         pass
@@ -257,15 +268,12 @@ def read_amazon(
         {"asin": list(cates), "cate_id": list(cates.values())},
         schema={"asin": pl.String, "cate_id": pl.String},
     )
-    events = (
-        rev.join(cate_map, on="asin", how="left", maintain_order="left")
-        .select(
-            pl.col("reviewerID").alias("user_id"),
-            pl.col("asin").alias("item_id"),
-            pl.col("cate_id").fill_null(UNKNOWN_CATE),
-            pl.col("unixReviewTime").alias("timestamp"),
-            pl.lit(REVIEW_BEHAVIOR, dtype=pl.Int8).alias("behavior"),
-        )
+    events = rev.join(cate_map, on="asin", how="left", maintain_order="left").select(
+        pl.col("reviewerID").alias("user_id"),
+        pl.col("asin").alias("item_id"),
+        pl.col("cate_id").fill_null(UNKNOWN_CATE),
+        pl.col("unixReviewTime").alias("timestamp"),
+        pl.lit(REVIEW_BEHAVIOR, dtype=pl.Int8).alias("behavior"),
     )
     report = AmazonReport(
         reviews=events.height,
@@ -276,7 +284,6 @@ def read_amazon(
         bad_lines=dict(bad.counts),
     )
     return events, report
-
 
 
 class AmazonSource:
@@ -291,8 +298,14 @@ class AmazonSource:
 
     unknown_cate_name = UNKNOWN_CATE
 
-    def __init__(self, *, raw_dir: str | Path, category: str, download_word: str | None = None,
-                 use_meta: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        raw_dir: str | Path,
+        category: str,
+        download_word: str | None = None,
+        use_meta: bool = True,
+    ) -> None:
         self.raw_dir = Path(raw_dir)
         self.category = category
         self.download_word = download_word
@@ -308,8 +321,11 @@ class AmazonSource:
     def fingerprint(self) -> dict:
         from seqrank.data.store import file_signature
 
-        return {"source": "amazon", "category": self.category,
-                "files": [file_signature(p) for p in self.paths() if p is not None]}
+        return {
+            "source": "amazon",
+            "category": self.category,
+            "files": [file_signature(p) for p in self.paths() if p is not None],
+        }
 
     def read(self, on_bad_line: str = "error") -> tuple[pl.DataFrame, dict]:
         events, report = read_amazon(*self.paths(), on_bad_line=on_bad_line)

@@ -207,9 +207,7 @@ def _precise(
         *[(pl.col("behavior_type") == b).sum().alias(b) for b in BEHAVIORS],
     )
     rows = parsed.select(pl.len().alias("rows"))
-    events = _canonical(
-        good.filter(_in_window(window)), pl.col("behavior_type").to_physical() + 1
-    )
+    events = _canonical(good.filter(_in_window(window)), pl.col("behavior_type").to_physical() + 1)
     s, n = pl.collect_all([summary, rows], engine="streaming")
     s = s.row(0, named=True)
     return events, {
@@ -304,7 +302,9 @@ def _open(
     return events, s, bad, how
 
 
-def _report(s: dict, bad: BadLines, how: str, win: tuple[int, int] | None, events: pl.DataFrame | None) -> TaobaoReport:
+def _report(
+    s: dict, bad: BadLines, how: str, win: tuple[int, int] | None, events: pl.DataFrame | None
+) -> TaobaoReport:
     def distinct(col: str) -> int | None:
         return int(events[col].n_unique()) if events is not None else None
 

@@ -106,13 +106,17 @@ def attention(
     row_valid = has_key[:, None].expand(B, Lq)  # (B, Lq) ...and is zeroed
     if query_mask is not None:
         row_valid = row_valid & query_mask
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: inductor fuses SDPA
+    if (
+        q.device.type == "cpu" and not torch.compiler.is_compiling()
+    ):  # compiled: inductor fuses SDPA
         ext = _fused_kernel(q)
         if ext is not None:  # k and v packed for the kernel: one small copy
             rows = None if bool(row_valid.all()) else row_valid
             q32, k32, v32 = _kernel_dtype(q, k, v)
             kv = torch.stack([k32, v32], dim=2)  # (B, Lk, 2, H, d)
-            y = _FusedAttention.apply(q32[:, :, None], kv, attend, rows, dropout, scale, False, False, ext)
+            y = _FusedAttention.apply(
+                q32[:, :, None], kv, attend, rows, dropout, scale, False, False, ext
+            )
             return y.to(q.dtype)
         if _tiny(B, H, Lq, k.shape[1]):  # e.g. one query (ATRank's target): a few ops for all heads
             weights = attention_weights(q, k, key_mask, query_mask)  # (B, H, Lq, Lk)
@@ -180,7 +184,11 @@ def cross_attention(
 
 
 def _packed_attention(
-    q_src: Tensor, kv_src: Tensor, key_mask: Tensor, query_mask: Tensor | None, dropout: float,
+    q_src: Tensor,
+    kv_src: Tensor,
+    key_mask: Tensor,
+    query_mask: Tensor | None,
+    dropout: float,
     relu: bool,
 ) -> Tensor:
     """q = q_src[:, :, 0], k = kv_src[:, :, -2], v = kv_src[:, :, -1] ((B, L, S, H, d) each)."""
@@ -190,8 +198,12 @@ def _packed_attention(
     ext = _fused_kernel(q_src) if cpu else None
     if ext is None and (not cpu or _tiny(B, H, Lq, Lk)):
         if relu:
-            q_src, kv_src = (F.relu(q_src), F.relu(kv_src)) if q_src is not kv_src else (F.relu(q_src),) * 2
-        return attention(q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], key_mask, query_mask, dropout)
+            q_src, kv_src = (
+                (F.relu(q_src), F.relu(kv_src)) if q_src is not kv_src else (F.relu(q_src),) * 2
+            )
+        return attention(
+            q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], key_mask, query_mask, dropout
+        )
     has_key = key_mask.any(dim=1)  # (B,)
     row_valid = has_key[:, None].expand(B, Lq)  # (B, Lq): rows without keys are zeroed
     if query_mask is not None:
@@ -222,7 +234,9 @@ def _check_offsets(offsets: Tensor, name: str) -> Tensor:
     """The offsets as the kernel takes them (which checks their values: from 0 to the rows, not
     decreasing)."""
     if offsets.dtype != torch.int64 or offsets.dim() != 1 or len(offsets) < 1:
-        raise ValueError(f"{name} must be a (B + 1,) int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+        raise ValueError(
+            f"{name} must be a (B + 1,) int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}"
+        )
     return offsets.contiguous()
 
 
@@ -249,12 +263,19 @@ def ragged_self_attention(
     offsets = _check_offsets(offsets, "offsets")
     (q32,) = _kernel_dtype(qkv)
     d = qkv.shape[-1]
-    y = _RaggedAttention.apply(q32, q32, offsets, offsets, dropout, 1.0 / math.sqrt(d), relu, True, ext)
+    y = _RaggedAttention.apply(
+        q32, q32, offsets, offsets, dropout, 1.0 / math.sqrt(d), relu, True, ext
+    )
     return y.to(qkv.dtype)
 
 
 def ragged_cross_attention(
-    q: Tensor, kv: Tensor, q_offsets: Tensor, k_offsets: Tensor, dropout: float = 0.0, *,
+    q: Tensor,
+    kv: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    dropout: float = 0.0,
+    *,
     relu: bool = False,
 ) -> Tensor:
     """`cross_attention` of ragged queries to ragged keys: sample b's queries are rows
@@ -274,12 +295,22 @@ def ragged_cross_attention(
     if ext is None:
         raise RuntimeError("ragged attention needs the fused CPU kernel (`ragged_kernel`)")
     if len(q_offsets) != len(k_offsets):
-        raise ValueError(f"q_offsets ({len(q_offsets)}) and k_offsets ({len(k_offsets)}) differ in samples")
+        raise ValueError(
+            f"q_offsets ({len(q_offsets)}) and k_offsets ({len(k_offsets)}) differ in samples"
+        )
     q_offsets = _check_offsets(q_offsets, "q_offsets")
     k_offsets = _check_offsets(k_offsets, "k_offsets")
     q32, kv32 = _kernel_dtype(q, kv)
     y = _RaggedAttention.apply(
-        q32[:, None], kv32, q_offsets, k_offsets, dropout, 1.0 / math.sqrt(q.shape[-1]), relu, False, ext
+        q32[:, None],
+        kv32,
+        q_offsets,
+        k_offsets,
+        dropout,
+        1.0 / math.sqrt(q.shape[-1]),
+        relu,
+        False,
+        ext,
     )
     return y.to(q.dtype)
 
@@ -308,8 +339,16 @@ def attention_weights(
     return (weights * valid).to(q.dtype)
 
 
-def _attention_forward(ctx, heads, shape: tuple[int, int, int, int, int], like: Tensor,  # noqa: ANN001
-                       attend: Tensor, rows: Tensor | None, p: float, scale: float) -> Tensor:
+def _attention_forward(
+    ctx,
+    heads,
+    shape: tuple[int, int, int, int, int],
+    like: Tensor,  # noqa: ANN001
+    attend: Tensor,
+    rows: Tensor | None,
+    p: float,
+    scale: float,
+) -> Tensor:
     """The forward loop of the CPU kernels: `heads(i, j, h)` gives head h's (q, k, v) of samples
     i:j (views or small copies); saves the softmax weights P and the dropout draws on ctx."""
     B, Lq, Lk, H, d = shape
@@ -383,7 +422,14 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: ANN001, PLR0913
-        ctx, q: Tensor, k: Tensor, v: Tensor, attend: Tensor, rows: Tensor | None, p: float, scale: float
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attend: Tensor,
+        rows: Tensor | None,
+        p: float,
+        scale: float,
     ) -> Tensor:
         B, Lq, H, d = q.shape
         ctx.save_for_backward(q, k, v)
@@ -421,21 +467,38 @@ class _PackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: ANN001, PLR0913
-        ctx, q_src: Tensor, kv_src: Tensor, attend: Tensor, rows: Tensor | None, p: float,
-        scale: float, relu: bool, same: bool,
+        ctx,
+        q_src: Tensor,
+        kv_src: Tensor,
+        attend: Tensor,
+        rows: Tensor | None,
+        p: float,
+        scale: float,
+        relu: bool,
+        same: bool,
     ) -> Tensor:
         B, Lq, _, H, d = q_src.shape
         ctx.save_for_backward(q_src, kv_src)
         ctx.relu, ctx.same = relu, same
         heads = _packed_heads(q_src, kv_src, relu)
-        return _attention_forward(ctx, heads, (B, Lq, kv_src.shape[1], H, d), q_src, attend, rows, p, scale)
+        return _attention_forward(
+            ctx, heads, (B, Lq, kv_src.shape[1], H, d), q_src, attend, rows, p, scale
+        )
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         q_src, kv_src = ctx.saved_tensors
         # slots no head reads (none in the usual layouts) get zero gradient
-        dkv = torch.empty_like(kv_src) if kv_src.shape[2] == (3 if ctx.same else 2) else torch.zeros_like(kv_src)
-        dq = dkv if ctx.same else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
+        dkv = (
+            torch.empty_like(kv_src)
+            if kv_src.shape[2] == (3 if ctx.same else 2)
+            else torch.zeros_like(kv_src)
+        )
+        dq = (
+            dkv
+            if ctx.same
+            else (torch.empty_like(q_src) if q_src.shape[2] == 1 else torch.zeros_like(q_src))
+        )
         slots = ((dq, q_src, 0), (dkv, kv_src, -2), (dkv, kv_src, -1))
 
         def write(i: int, j: int, h: int, *grads: Tensor) -> None:
@@ -445,7 +508,16 @@ class _PackedAttention(torch.autograd.Function):
                 out[i:j, :, n, h].copy_(gr)
 
         _attention_backward(ctx, grad, _packed_heads(q_src, kv_src, ctx.relu), write)
-        return dkv if ctx.same else dq, None if ctx.same else dkv, None, None, None, None, None, None
+        return (
+            dkv if ctx.same else dq,
+            None if ctx.same else dkv,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -458,8 +530,16 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: ANN001, PLR0913
-        ctx, q_src: Tensor, kv_src: Tensor, attend: Tensor, rows: Tensor | None, p: float,
-        scale: float, relu: bool, same: bool, ext,
+        ctx,
+        q_src: Tensor,
+        kv_src: Tensor,
+        attend: Tensor,
+        rows: Tensor | None,
+        p: float,
+        scale: float,
+        relu: bool,
+        same: bool,
+        ext,
     ) -> Tensor:
         B, Lq, _, H, d = q_src.shape
         Lk = kv_src.shape[1]
@@ -481,8 +561,19 @@ class _FusedAttention(torch.autograd.Function):
         B, Lq, _, H, d = q_src.shape
         dq, dkv = _packed_grads(q_src, kv_src, same, slot=2)
         ext.backward(
-            grad.contiguous().view(B, Lq, H, d), q_src[:, :, 0], kv_src[:, :, -2], kv_src[:, :, -1], P,
-            bits, threshold, keep_scale, scale, relu, dq[:, :, 0], dkv[:, :, -2], dkv[:, :, -1],
+            grad.contiguous().view(B, Lq, H, d),
+            q_src[:, :, 0],
+            kv_src[:, :, -2],
+            kv_src[:, :, -1],
+            P,
+            bits,
+            threshold,
+            keep_scale,
+            scale,
+            relu,
+            dq[:, :, 0],
+            dkv[:, :, -2],
+            dkv[:, :, -1],
         )
         return dkv if same else dq, None if same else dkv, None, None, None, None, None, None, None
 
@@ -506,8 +597,16 @@ class _RaggedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: ANN001, PLR0913
-        ctx, q_src: Tensor, kv_src: Tensor, q_offsets: Tensor, k_offsets: Tensor, p: float,
-        scale: float, relu: bool, same: bool, ext,
+        ctx,
+        q_src: Tensor,
+        kv_src: Tensor,
+        q_offsets: Tensor,
+        k_offsets: Tensor,
+        p: float,
+        scale: float,
+        relu: bool,
+        same: bool,
+        ext,
     ) -> Tensor:
         Rq, _, H, d = q_src.shape
         if p > 0:
@@ -531,9 +630,21 @@ class _RaggedAttention(torch.autograd.Function):
         Rq, _, H, d = q_src.shape
         dq, dkv = _packed_grads(q_src, kv_src, same, slot=1)
         ext.backward_ragged(
-            grad.contiguous().view(Rq, H, d), q_src[:, 0], kv_src[:, -2], kv_src[:, -1],
-            q_offsets, k_offsets, P, bits, threshold, keep_scale, scale, relu,
-            dq[:, 0], dkv[:, -2], dkv[:, -1],
+            grad.contiguous().view(Rq, H, d),
+            q_src[:, 0],
+            kv_src[:, -2],
+            kv_src[:, -1],
+            q_offsets,
+            k_offsets,
+            P,
+            bits,
+            threshold,
+            keep_scale,
+            scale,
+            relu,
+            dq[:, 0],
+            dkv[:, -2],
+            dkv[:, -1],
         )
         return dkv if same else dq, None if same else dkv, None, None, None, None, None, None, None
 
@@ -615,7 +726,10 @@ class MultiHeadSelfAttention(nn.Module):
         return (y, weights) if return_weights else y
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        x: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of several groups of sequences (length groups), their tokens flat: the

@@ -64,7 +64,10 @@ class TransformerBlock(nn.Module):
         return (x, weights) if return_weights else x
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        x: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of length groups, tokens flat (`MultiHeadSelfAttention.forward_groups`):
@@ -129,7 +132,10 @@ class TransformerEncoder(nn.Module):
         return (x, weights) if return_weights else x
 
     def forward_groups(
-        self, x: Tensor, masks: Sequence[Tensor], real: Tensor | None = None,
+        self,
+        x: Tensor,
+        masks: Sequence[Tensor],
+        real: Tensor | None = None,
         offsets: Tensor | None = None,
     ) -> Tensor:
         """`forward` of several groups of sequences (length groups) at once.
