@@ -680,6 +680,58 @@ def test_ragged_head_lanes_widths(monkeypatch: pytest.MonkeyPatch, d: int, kind:
     _check_ragged_each_sample_alone(monkeypatch, torch.float32, d, 0.3, True, kind, 8)
 
 
+@pytest.mark.parametrize(
+    ("kind", "H", "dtype", "lanes"),
+    [
+        ("self", 8, torch.float32, True),
+        ("self", 16, torch.float32, True),
+        ("cross_many", 8, torch.float32, True),
+        ("self", 2, torch.float32, False),  # heads not a multiple of 8
+        ("self", 8, torch.float64, False),  # float32 only
+        ("cross", 8, torch.float32, False),  # about one query a sample: the per-head loops
+    ],
+)
+def test_ragged_kernel_takes_head_lanes_where_it_should(
+    kind: str, H: int, dtype: torch.dtype, lanes: bool
+) -> None:
+    """The fast path is the one taken: the weights P the kernel keeps for its backward are laid
+    out (Lq, Lk, 8) per group of 8 heads in each sample's block on the head-lanes path, (H, Lq,
+    Lk) on the per-head one - whichever, they are each sample's softmax weights."""
+    require_fused()
+    torch.manual_seed(0)
+    d = 16
+    k_lengths = [3, 0, 19, 1, 8, 9, 0, 5]
+    q_lengths = {
+        "self": k_lengths,
+        "cross": [1, 2, 1, 0, 3, 1, 1, 1],
+        "cross_many": [4, 2, 6, 0, 3, 5, 1, 2],
+    }[kind]
+    k_offsets = torch.tensor([0, *itertools.accumulate(k_lengths)])
+    q_offsets = torch.tensor([0, *itertools.accumulate(q_lengths)])
+    kv = torch.randn(sum(k_lengths), 2, H, d, dtype=dtype)
+    q = kv[:, 0] if kind == "self" else torch.randn(sum(q_lengths), H, d, dtype=dtype)
+    ext = attention_module.ragged_kernel(q)
+    _, P = ext.forward_ragged(
+        q, kv[:, 0], kv[:, 1], q_offsets, q_offsets if kind == "self" else k_offsets,
+        torch.empty(0, dtype=torch.int16), 0, 1.0, 1.0 / math.sqrt(d), False,
+    )  # fmt: skip
+    assert P.numel() == H * sum(a * b for a, b in zip(q_lengths, k_lengths, strict=True))
+    at, qs, ks = 0, 0, 0
+    for lq, lk in zip(q_lengths, k_lengths, strict=True):
+        qb = q[qs : qs + lq].transpose(0, 1).double()  # (H, lq, d)
+        kb = kv[ks : ks + lk, 0].transpose(0, 1).double()  # (H, lk, d)
+        want = (qb @ kb.transpose(1, 2) / math.sqrt(d)).softmax(-1)  # (H, lq, lk)
+        block = P[at : at + H * lq * lk].double()
+        if lanes:  # (groups, lq, lk, 8 heads)
+            got = block.view(H // 8, lq, lk, 8).permute(0, 3, 1, 2).reshape(H, lq, lk)
+        else:
+            got = block.view(H, lq, lk)
+        torch.testing.assert_close(
+            got, want, atol=2e-6 if dtype == torch.float32 else 1e-12, rtol=0
+        )
+        at, qs, ks = at + H * lq * lk, qs + lq, ks + lk
+
+
 def _check_ragged_each_sample_alone(  # noqa: PLR0913
     monkeypatch: pytest.MonkeyPatch,
     dtype: torch.dtype,
